@@ -1,0 +1,107 @@
+"""Which kernels can run here, and which one a call uses.
+
+Choice order: the `backend=` argument, else the FUSED_LS_BACKEND environment variable,
+else "auto": Triton for CUDA tensors, the native C++/CUDA extension next, eager PyTorch
+last. An explicit choice that cannot run raises and says what is missing.
+
+Each fused backend is a pair of torch.library ops with one schema (see csrc/ops.cpp):
+    rows(logits, target, weight?, grad_scale, label_smoothing, smooth_others,
+         ignore_index, z_loss, softcap, logit_scale) -> (loss_rows, lse, grad)
+    rows_(...same, logits mutated into the gradient...) -> (loss_rows, lse)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("triton", "native", "torch")
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    rows: Callable
+    rows_inplace: Callable
+
+
+@functools.cache
+def _triton_status() -> tuple[FusedOps | None, str]:
+    try:
+        import triton  # noqa: F401
+
+        from fused_ls.triton import smoothed_xent  # noqa: F401  (registers the ops)
+    except Exception as exc:  # a broken Triton install must not break the package
+        return None, f"Triton could not be imported ({type(exc).__name__}: {exc})"
+    return FusedOps(torch.ops.fused_ls.smoothed_xent_rows_triton, torch.ops.fused_ls.smoothed_xent_rows_triton_), ""
+
+
+@functools.cache
+def _native_status() -> tuple[FusedOps | None, str]:
+    from fused_ls import native
+
+    ok, why = native.load()
+    if not ok:
+        return None, why
+    return FusedOps(torch.ops.fused_ls.smoothed_xent_rows, torch.ops.fused_ls.smoothed_xent_rows_), ""
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _native_runs_on(device: torch.device) -> bool:
+    from fused_ls import native
+
+    return device.type == "cpu" or (device.type == "cuda" and native.has_cuda())
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backend names usable for tensors on `device` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    names = []
+    if _triton_status()[0] is not None and _triton_runs_on(device):
+        names.append("triton")
+    if _native_status()[0] is not None and _native_runs_on(device):
+        names.append("native")
+    names.append("torch")
+    return names
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend a call on `device` uses; raises if an explicit choice cannot run."""
+    choice = backend if backend not in (None, "auto") else os.environ.get("FUSED_LS_BACKEND", "auto")
+    if choice == "auto":
+        if device.type == "cuda" and _triton_status()[0] is not None:
+            return "triton"
+        if _native_status()[0] is not None and _native_runs_on(device):
+            return "native"
+        return "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r}; expected one of {('auto',) + BACKENDS}")
+    if choice == "triton":
+        ops, why = _triton_status()
+        if ops is None:
+            raise RuntimeError(f"backend 'triton' is unavailable: {why}")
+        if not _triton_runs_on(device):
+            raise RuntimeError(
+                f"backend 'triton' cannot run on {device.type} tensors: it needs CUDA tensors "
+                "(or TRITON_INTERPRET=1 set before triton is imported, for testing)"
+            )
+    elif choice == "native":
+        ops, why = _native_status()
+        if ops is None:
+            raise RuntimeError(f"backend 'native' is unavailable: {why}")
+        if not _native_runs_on(device):
+            raise RuntimeError(f"backend 'native' was built without CUDA and cannot run on {device} tensors")
+    return choice
+
+
+def fused_ops(backend: str) -> FusedOps:
+    status = _triton_status() if backend == "triton" else _native_status()
+    return status[0]

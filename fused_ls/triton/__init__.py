@@ -1,0 +1,1 @@
+"""Triton kernels. Importing this package needs a working Triton; fused_ls.backends guards it."""

@@ -1,0 +1,296 @@
+"""Fused label-smoothed cross-entropy in Triton: loss, lse and gradient in one launch.
+
+The maths, per row of V logits x with target t (t == ignore_index: loss 0, grad 0)
+---------------------------------------------------------------------------------
+    u   = logit_scale * x
+    y   = softcap * tanh(u / softcap)            (y = u without softcap)
+    m   = max_c y_c,   s = sum_c exp(y_c - m),   lse = m + log s,   p_c = exp(y_c - lse)
+
+The smoothed target gives class c the mass  q_c = k_s w_c + k_t w_t [c == t]  where w are
+the class weights (all 1 without `weight`), and
+    uniform (PyTorch):  k_s = eps/V,      k_t = 1 - eps
+    others  (fairseq):  k_s = eps/(V-1),  k_t = 1 - eps - eps/(V-1)
+so with W = sum_c w_c the total mass is A = k_s W + k_t w_t (1 without weights), and
+
+    loss = sum_c q_c (lse - y_c) + z lse^2
+         = A log s + k_s (m W - sum_c w_c y_c) + k_t w_t (m - y_t) + z lse^2
+    dloss/dy_c = (A + 2 z lse) p_c - k_s w_c - k_t w_t [c == t]
+    dloss/dx_c = dloss/dy_c * logit_scale * (1 - (y_c / softcap)^2)     (no last factor without softcap)
+
+The second form of the loss subtracts m before anything large is summed, so adding a
+constant to every logit changes nothing. The gradient is computed in fp32 (fp64 for fp64
+logits), multiplied by `grad_scale` (1/normaliser for a mean) and rounded once to the
+logits' dtype: the true class's p_t - k_t never passes through bf16.
+
+A target outside [0, V) that is not ignore_index is never dereferenced: y_t is picked out
+of the row by comparison, its loss is NaN and its gradient row is 0.
+
+Memory traffic per row (b = bytes per logit)
+--------------------------------------------
+    V <= single-block limit:  read V*b, write V*b (+ V*4 for weights, cached across rows)
+    larger rows:              read 2*V*b (the second pass re-reads the row, mostly from L2),
+                              write V*b
+Nothing else of size V is written: the loss and lse are 4 bytes per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_ls.smoothing import smoothing_masses
+
+# Rows up to this many logits are held in registers and read once; longer rows are
+# streamed twice in chunks of CHUNKED_BLOCK. Tests lower both to reach the chunked path
+# at sizes the interpreter can run.
+MAX_SINGLE_BLOCK = 16384
+CHUNKED_BLOCK = 8192
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    u = x * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(a) = 1 - 2 / (exp(2a) + 1): finite for every a, exact at +-inf.
+        u = softcap * (1.0 - 2.0 / (tl.exp(2.0 * u / softcap) + 1.0))
+    return u
+
+
+@triton.jit
+def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, lse, grad_scale, logit_scale, softcap,
+                  HAS_SOFTCAP: tl.constexpr):
+    p = tl.exp(y - lse)
+    g = p_coef * p - k_s * w - tl.where(offs == t, true_mass, 0.0)
+    dydx = logit_scale
+    if HAS_SOFTCAP:
+        c = y / softcap
+        dydx = logit_scale * (1.0 - c * c)
+    return g * (dydx * grad_scale)
+
+
+@triton.jit
+def smoothed_xent_fwd_kernel(
+    logits_ptr,        # (N, V) any float dtype, unit stride along V
+    grad_ptr,          # (N, V) gradient out, logits' dtype; may be logits_ptr itself (in place)
+    target_ptr,        # (N,) int32 or int64
+    weight_ptr,        # (V,) class weights, read only when HAS_WEIGHT
+    weight_sum_ptr,    # 0-d, sum of the class weights, read only when HAS_WEIGHT
+    grad_scale_ptr,    # 0-d, multiplies the whole gradient (1/normaliser for a mean)
+    loss_ptr,          # (N,) per-row loss out
+    lse_ptr,           # (N,) per-row logsumexp of the transformed logits out
+    stride_logits_row, stride_grad_row,
+    V, ignore_index,
+    k_s, k_t,          # smoothing mass per unit of class weight; extra mass on the true class
+    z_loss, softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+    grad_row = grad_ptr + row * stride_grad_row
+    t = tl.load(target_ptr + row).to(tl.int64)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    grad_scale = tl.load(grad_scale_ptr).to(ACC)
+    if HAS_WEIGHT:
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+        w_t = tl.load(weight_ptr + t, mask=in_range & ~ignored, other=0.0).to(ACC)
+    else:
+        weight_sum = V * 1.0
+        w_t = 1.0
+    offs0 = tl.arange(0, BLOCK)
+
+    # Pass 1: max, sum of exp, sum of w*y and y_t, streamed with a running max.
+    m = -float("inf")
+    s = 0.0
+    sum_wy = 0.0
+    y_t = 0.0
+    if SINGLE_PASS:
+        mask = offs0 < V
+        y = _transform(tl.load(logits_row + offs0, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + offs0, mask=mask, other=0.0).to(ACC)
+        else:
+            w = 1.0
+        y_masked = tl.where(mask, y, -float("inf"))
+        m = tl.max(y_masked, axis=0)
+        s = tl.sum(tl.exp(y_masked - m), axis=0)
+        sum_wy = tl.sum(tl.where(mask, w * y, 0.0), axis=0)
+        y_t = tl.sum(tl.where(offs0 == t, y, 0.0), axis=0)
+    else:
+        for start in range(0, V, BLOCK):
+            offs = start + offs0
+            mask = offs < V
+            yc = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+            if HAS_WEIGHT:
+                wc = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
+            else:
+                wc = 1.0
+            yc_masked = tl.where(mask, yc, -float("inf"))
+            m_new = tl.maximum(m, tl.max(yc_masked, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(yc_masked - m_new), axis=0)
+            m = m_new
+            sum_wy += tl.sum(tl.where(mask, wc * yc, 0.0), axis=0)
+            y_t += tl.sum(tl.where(offs == t, yc, 0.0), axis=0)
+
+    log_s = tl.log(s)
+    lse = m + log_s
+    true_mass = k_t * w_t
+    total_mass = k_s * weight_sum + true_mass
+    loss = total_mass * log_s + k_s * (m * weight_sum - sum_wy) + true_mass * (m - y_t) + z_loss * lse * lse
+    # An ignored row and a row with an out-of-range target get a zero gradient.
+    p_coef = tl.where(in_range & ~ignored, total_mass + 2.0 * z_loss * lse, 0.0)
+    k_s_row = tl.where(in_range & ~ignored, k_s, 0.0)
+    true_mass = tl.where(in_range & ~ignored, true_mass, 0.0)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+    # Pass 2: the gradient, rounded once to the output dtype.
+    if SINGLE_PASS:
+        g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
+        tl.store(grad_row + offs0, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, V, BLOCK):
+            offs = start + offs0
+            mask = offs < V
+            yc = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+            if HAS_WEIGHT:
+                wc = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
+            else:
+                wc = 1.0
+            g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
+            tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_rows_kernel(
+    grad_ptr,          # (N, V) gradient, scaled in place
+    scale_ptr,         # (N,) per-row scale, any stride (0 for a broadcast scalar)
+    stride_grad_row, stride_scale,
+    V,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    # The usual upstream gradient of a scalar loss is exactly 1: decide on the device,
+    # without a host sync, that there is nothing to do, and skip the memory traffic.
+    if scale != 1.0:
+        mask = col < V
+        ptrs = grad_ptr + row * stride_grad_row + col
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _launch_config(V: int, dtype: torch.dtype) -> tuple[int, bool, int]:
+    """(BLOCK, SINGLE_PASS, num_warps) for a row of V logits."""
+    if V <= MAX_SINGLE_BLOCK:
+        block = max(triton.next_power_of_2(V), 16)
+        single = True
+    else:
+        block = CHUNKED_BLOCK
+        single = False
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return block, single, num_warps
+
+
+def smoothed_xent_rows_out(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    weight_sum: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    grad_out: torch.Tensor,
+    loss_out: torch.Tensor,
+    lse_out: torch.Tensor,
+    k_s: float,
+    k_t: float,
+    ignore_index: int,
+    z_loss: float,
+    softcap: float,
+    logit_scale: float,
+) -> None:
+    """Launch the fused kernel, writing into the given buffers (grad_out may be logits)."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block, single, num_warps = _launch_config(V, logits.dtype)
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    has_weight = weight is not None
+    smoothed_xent_fwd_kernel[(N,)](
+        logits, grad_out, target,
+        weight if has_weight else grad_scale, weight_sum if has_weight else grad_scale,
+        grad_scale, loss_out, lse_out,
+        logits.stride(0), grad_out.stride(0),
+        V, ignore_index,
+        k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, logit_scale,
+        HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0,
+        BLOCK=block, SINGLE_PASS=single, ACC=acc,
+        num_warps=num_warps,
+    )
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad[i, :] *= scale[i] in place; rows whose scale is exactly 1 are not touched."""
+    N, V = grad.shape
+    if N == 0 or V == 0:
+        return
+    block = min(triton.next_power_of_2(V), 4096)
+    scale_rows_kernel[(N, triton.cdiv(V, block))](grad, scale, grad.stride(0), scale.stride(0), V, BLOCK=block)
+
+
+# ----------------------------------------------------------------------------- registration
+# The same schema as the native op (csrc/ops.cpp), under its own name so both can be
+# loaded at once; fused_ls/backends.py picks one by name, never by device.
+
+
+@torch.library.custom_op("fused_ls::smoothed_xent_rows_triton", mutates_args=())
+def smoothed_xent_rows(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, grad_scale: torch.Tensor,
+    label_smoothing: float, smooth_others: bool, ignore_index: int,
+    z_loss: float, softcap: float, logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, lse = _row_outputs(logits)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    return loss, lse, grad
+
+
+@torch.library.custom_op("fused_ls::smoothed_xent_rows_triton_", mutates_args=("logits",))
+def smoothed_xent_rows_(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, grad_scale: torch.Tensor,
+    label_smoothing: float, smooth_others: bool, ignore_index: int,
+    z_loss: float, softcap: float, logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse = _row_outputs(logits)
+    _run(logits, target, weight, grad_scale, logits, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    return loss, lse
+
+
+def _row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
+
+
+def _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale):
+    k_s, k_t = smoothing_masses(label_smoothing, logits.shape[1], smooth_others)
+    weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64) if weight is not None else None
+    smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse,
+                           k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
+
+
+@smoothed_xent_rows.register_fake
+def _(logits, target, weight, grad_scale, *args):
+    loss, lse = _row_outputs(logits)
+    return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@smoothed_xent_rows_.register_fake
+def _(logits, target, weight, grad_scale, *args):
+    return _row_outputs(logits)
