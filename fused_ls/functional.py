@@ -33,6 +33,7 @@ def smoothed_xent(
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    process_group=None,
     backend: str = "auto",
 ):
     r"""Label-smoothed cross-entropy, forward and backward fused into one pass over the logits.
@@ -66,6 +67,10 @@ def smoothed_xent(
             beyond the logits. ``logits`` is overwritten by the forward; an op that saved it for
             its own backward then raises autograd's usual in-place error. Use it when the logits
             are consumed only by this loss (the LM-head output). Not for a leaf tensor.
+        process_group: a torch.distributed group over which the vocabulary is split: each
+            rank passes its slice (..., V_local) of the logits and the global targets, and gets
+            the loss and gradient slice that one device holding the whole vocabulary would
+            give (see fused_ls.parallel).
         backend: "auto", "triton", "native" or "torch" (see fused_ls.backends).
 
     Returns:
@@ -77,6 +82,15 @@ def smoothed_xent(
     NaN. On CUDA an out-of-range target is never read: its row's loss is NaN (so the mean is
     NaN) and its gradient 0; on the CPU it raises an IndexError.
     """
+    if process_group is not None:
+        from fused_ls.parallel import smoothed_xent_vocab_parallel
+
+        return smoothed_xent_vocab_parallel(
+            logits, target, label_smoothing, process_group=process_group, weight=weight,
+            ignore_index=ignore_index, reduction=reduction, convention=convention, z_loss=z_loss,
+            softcap=softcap, logit_scale=logit_scale, normalizer=normalizer, return_lse=return_lse,
+            backend=backend,
+        )
     _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale)
     _check_targets(target, logits.shape[-1], ignore_index)
     name = backends.resolve(backend, logits.device)
