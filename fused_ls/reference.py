@@ -78,7 +78,12 @@ def smoothed_xent_reference(
         if t.numel() == 0:
             loss = per_row.sum() / 0.0
         else:
-            denom = w_t.sum() if normalizer is None else torch.as_tensor(normalizer, dtype=compute_dtype, device=y.device)
+            if normalizer is None:
+                denom = w_t.sum()
+            elif isinstance(normalizer, torch.Tensor):
+                denom = normalizer.to(device=y.device, dtype=compute_dtype)
+            else:  # a fill kernel, not torch.as_tensor's synchronising host-to-device copy
+                denom = torch.full((), float(normalizer), dtype=compute_dtype, device=y.device)
             loss = per_row.sum() / torch.where(denom != 0, denom, torch.ones_like(denom)) * (denom != 0)
     if return_lse:
         return loss, lse.detach().reshape(target.shape)
