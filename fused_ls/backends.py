@@ -12,7 +12,6 @@ Each fused backend is a pair of torch.library ops with one schema (see csrc/ops.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -28,8 +27,24 @@ class FusedOps:
     rows_inplace: Callable
 
 
-@functools.cache
+# Probed once per process. A plain dict rather than functools.cache, because torch.compile
+# traces through dict look-ups but warns about (and re-runs) cached functions.
+_STATUS: dict[str, tuple[FusedOps | None, str]] = {}
+
+
 def _triton_status() -> tuple[FusedOps | None, str]:
+    if "triton" not in _STATUS:
+        _STATUS["triton"] = _probe_triton()
+    return _STATUS["triton"]
+
+
+def _native_status() -> tuple[FusedOps | None, str]:
+    if "native" not in _STATUS:
+        _STATUS["native"] = _probe_native()
+    return _STATUS["native"]
+
+
+def _probe_triton() -> tuple[FusedOps | None, str]:
     try:
         import triton  # noqa: F401
 
@@ -39,8 +54,7 @@ def _triton_status() -> tuple[FusedOps | None, str]:
     return FusedOps(torch.ops.fused_ls.smoothed_xent_rows_triton, torch.ops.fused_ls.smoothed_xent_rows_triton_), ""
 
 
-@functools.cache
-def _native_status() -> tuple[FusedOps | None, str]:
+def _probe_native() -> tuple[FusedOps | None, str]:
     from fused_ls import native
 
     ok, why = native.load()

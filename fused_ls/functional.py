@@ -113,7 +113,8 @@ def smoothed_xent(
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()  # the kernels read rows with unit stride
     target1d = target.reshape(-1)
-    grad_scale = _gradient_scale(target1d, weight, ignore_index, reduction, normalizer, V, logits.device)
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    grad_scale = _gradient_scale(target1d, weight, ignore_index, reduction, normalizer, V, acc_dtype)
     if weight is not None and weight.dtype != torch.float64:
         weight = weight.float()
     loss, lse = _FusedSmoothedXent.apply(
@@ -189,20 +190,32 @@ def _backward_may_run_again() -> bool:
     return True if keep_graph is None else keep_graph()
 
 
-def _gradient_scale(target, weight, ignore_index, reduction, normalizer, V, device) -> torch.Tensor:
-    """0-d float32 factor folded into the gradient: 1/denominator for a mean, else 1."""
+def _gradient_scale(target, weight, ignore_index, reduction, normalizer, V, dtype) -> torch.Tensor:
+    """0-d factor folded into the gradient: 1/denominator for a mean, else 1."""
+    device = target.device
     if reduction != "mean":
-        return torch.ones((), dtype=torch.float32, device=device)
+        return torch.ones((), dtype=dtype, device=device)
     if normalizer is not None:
-        denom = torch.as_tensor(normalizer, dtype=torch.float32, device=device)
+        denom = _normalizer_tensor(normalizer, dtype, device)
     else:
         valid = target != ignore_index
         if weight is None:
-            denom = valid.sum(dtype=torch.float32)
+            denom = valid.sum(dtype=dtype)
         else:
             safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
-            denom = (weight.float()[safe_target] * valid).sum()
+            denom = (weight.to(dtype)[safe_target] * valid).sum()
     return torch.where(denom != 0, denom.reciprocal(), torch.zeros_like(denom))
+
+
+def _normalizer_tensor(normalizer, dtype, device) -> torch.Tensor:
+    """`normalizer` as a 0-d tensor on `device`, with no host sync."""
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        return normalizer.to(device=device, dtype=dtype)  # keep it on the logits' device: no copy
+    # torch.full passes the number to a fill kernel; torch.as_tensor would copy it from host
+    # memory, a synchronising copy on CUDA that also breaks CUDA graph capture.
+    return torch.full((), float(normalizer), dtype=dtype, device=device)
 
 
 def _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale):

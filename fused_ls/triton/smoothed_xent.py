@@ -20,7 +20,9 @@ so with W = sum_c w_c the total mass is A = k_s W + k_t w_t (1 without weights),
 The second form of the loss subtracts m before anything large is summed, so adding a
 constant to every logit changes nothing. The gradient is computed in fp32 (fp64 for fp64
 logits), multiplied by `grad_scale` (1/normaliser for a mean) and rounded once to the
-logits' dtype: the true class's p_t - k_t never passes through bf16.
+logits' dtype: the true class's p_t - k_t never passes through bf16. Float64 logits (for
+gradcheck) accumulate in float64, but Triton passes the float scalars (k_s, k_t, z_loss, ...)
+as float32, so such results carry their rounding, about 1e-8 relative.
 
 A target outside [0, V) that is not ignore_index is never dereferenced: y_t is picked out
 of the row by comparison, its loss is NaN and its gradient row is 0.
@@ -34,6 +36,8 @@ Nothing else of size V is written: the loss and lse are 4 bytes per row.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -55,6 +59,18 @@ def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
         # tanh(a) = 1 - 2 / (exp(2a) + 1): finite for every a, exact at +-inf.
         u = softcap * (1.0 - 2.0 / (tl.exp(2.0 * u / softcap) + 1.0))
     return u
+
+
+@triton.jit
+def _to_output(g, out_ty: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr):
+    """Round the fp32 gradient once, to nearest-even, into the output dtype."""
+    if EMULATE_RTNE_BF16:
+        # Triton's CPU interpreter truncates fp32 -> bf16 where GPUs round to nearest even;
+        # round the bits here so that tests under the interpreter see the GPU's numbers.
+        bits = g.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        g = bits.to(tl.float32, bitcast=True)
+    return g.to(out_ty)
 
 
 @triton.jit
@@ -84,7 +100,7 @@ def smoothed_xent_fwd_kernel(
     k_s, k_t,          # smoothing mass per unit of class weight; extra mass on the true class
     z_loss, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
@@ -150,7 +166,7 @@ def smoothed_xent_fwd_kernel(
     # Pass 2: the gradient, rounded once to the output dtype.
     if SINGLE_PASS:
         g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
-        tl.store(grad_row + offs0, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_row + offs0, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
     else:
         for start in range(0, V, BLOCK):
             offs = start + offs0
@@ -161,7 +177,7 @@ def smoothed_xent_fwd_kernel(
             else:
                 wc = 1.0
             g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
-            tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
 
 
 @triton.jit
@@ -170,7 +186,7 @@ def scale_rows_kernel(
     scale_ptr,         # (N,) per-row scale, any stride (0 for a broadcast scalar)
     stride_grad_row, stride_scale,
     V,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -181,7 +197,7 @@ def scale_rows_kernel(
         mask = col < V
         ptrs = grad_ptr + row * stride_grad_row + col
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, _to_output(g * scale, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -230,7 +246,7 @@ def smoothed_xent_rows_out(
         V, ignore_index,
         k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, logit_scale,
         HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0,
-        BLOCK=block, SINGLE_PASS=single, ACC=acc,
+        BLOCK=block, SINGLE_PASS=single, ACC=acc, EMULATE_RTNE_BF16=_emulate_rtne(grad_out),
         num_warps=num_warps,
     )
 
@@ -241,7 +257,12 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     if N == 0 or V == 0:
         return
     block = min(triton.next_power_of_2(V), 4096)
-    scale_rows_kernel[(N, triton.cdiv(V, block))](grad, scale, grad.stride(0), scale.stride(0), V, BLOCK=block)
+    scale_rows_kernel[(N, triton.cdiv(V, block))](grad, scale, grad.stride(0), scale.stride(0), V,
+                                                       BLOCK=block, EMULATE_RTNE_BF16=_emulate_rtne(grad))
+
+
+def _emulate_rtne(out: torch.Tensor) -> bool:
+    return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------- registration

@@ -1,0 +1,64 @@
+"""Float64 oracles and per-dtype tolerances shared by the test modules.
+
+Low-precision inputs are judged against the truth computed in float64 from the *same*
+rounded inputs, and must be no worse than eager PyTorch's own low-precision result
+(apple/ml-cross-entropy states its tolerances the same way), plus a margin of one
+rounding of the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_ls import smoothed_xent_reference
+
+# (rtol, atol) of a float32-accumulated result against the float64 truth.
+LOSS_TOL = {
+    torch.float64: (1e-7, 1e-7),  # fused kernels take float scalars (eps/V, ...) as float32
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 2e-5),  # computed in fp32 from bf16 inputs: only the sum's rounding
+    torch.float16: (2e-5, 2e-5),
+}
+# The gradient is rounded once to the logits' dtype: half an ulp relative, plus a floor
+# for values near zero.
+GRAD_TOL = {
+    torch.float64: (1e-7, 1e-9),
+    torch.float32: (1e-5, 1e-7),
+    torch.bfloat16: (2**-8, 1e-6),
+    torch.float16: (2**-11, 1e-7),
+}
+
+
+def loss_and_grad(fn, logits: torch.Tensor, *args, upstream=None, **kwargs):
+    """Run fn(logits, ...) and backward; return (loss, grad of logits) detached."""
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, *args, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    if upstream is None:
+        upstream = torch.ones_like(loss)
+    loss.backward(upstream)
+    return loss.detach(), x.grad.detach()
+
+
+def truth(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, *, upstream=None, **kwargs):
+    """Loss and gradient in float64 from exactly the given (possibly rounded) logits."""
+    weight = kwargs.pop("weight", None)
+    if weight is not None:
+        kwargs["weight"] = weight.double()
+    normalizer = kwargs.pop("normalizer", None)
+    if isinstance(normalizer, torch.Tensor):
+        kwargs["normalizer"] = normalizer.double()
+    elif normalizer is not None:
+        kwargs["normalizer"] = normalizer
+    return loss_and_grad(
+        smoothed_xent_reference, logits.double(), target, label_smoothing,
+        upstream=None if upstream is None else upstream.double(), **kwargs,
+    )
+
+
+def assert_matches_truth(loss, grad, true_loss, true_grad, dtype):
+    rtol, atol = LOSS_TOL[dtype]
+    torch.testing.assert_close(loss.double(), true_loss, rtol=rtol, atol=atol)
+    rtol, atol = GRAD_TOL[dtype]
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), true_grad, rtol=rtol, atol=atol)
