@@ -296,3 +296,12 @@ def test_gradcheck_in_float64_with_every_feature(backend, device, reduction):
         )
 
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_a_million_classes(backend, device):
+    V = 1_000_003
+    logits = torch.randn(2, V, device=device) * 2
+    target = torch.tensor([V - 1, 12345], device=device)
+    loss, grad = loss_and_grad(smoothed_xent, logits, target, 0.1, backend=backend)
+    true_loss, true_grad = truth(logits, target, 0.1)
+    assert_matches_truth(loss, grad, true_loss, true_grad, torch.float32)
