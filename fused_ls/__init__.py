@@ -7,8 +7,12 @@
 from fused_ls import scale as _scale  # noqa: F401  (registers fused_ls::scale_rows_)
 from fused_ls.backends import available_backends
 from fused_ls.functional import SmoothedCrossEntropyLoss, smoothed_xent
+from fused_ls.linear import SmoothedLinearCrossEntropyLoss, smoothed_linear_xent
 from fused_ls.reference import smoothed_xent_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["smoothed_xent", "SmoothedCrossEntropyLoss", "available_backends", "smoothed_xent_reference", "__version__"]
+__all__ = [
+    "smoothed_xent", "SmoothedCrossEntropyLoss", "smoothed_linear_xent", "SmoothedLinearCrossEntropyLoss",
+    "available_backends", "smoothed_xent_reference", "__version__",
+]

@@ -1,0 +1,396 @@
+"""smoothed_linear_xent: the LM head and the smoothed cross-entropy, without holding the logits.
+
+The maths
+---------
+For token i with hidden state h_i (H), the logits are x_i = W h_i + b (V). The fused row op
+of every backend (fused_ls.backends; maths in fused_ls/triton/smoothed_xent.py) turns a block
+of rows of x into the per-row loss, the lse and, written over x in place,
+g_i = grad_scale * dloss_i/dx_i. The chain rule then gives
+
+    dL/dh_i = g_i W                    (1 x H per token)
+    dL/dW   = sum_i g_i^T h_i          (V x H, summed over tokens)
+    dL/db   = sum_i g_i                (V)
+
+so a chunk of C tokens needs only its own C x V logits: compute them, turn them into g in
+place, spend g on the three products, and let the next chunk reuse the buffer. The mean's
+denominator (fused_ls.functional._gradient_scale) depends on the targets alone, so it is
+known before the first chunk and folded into g: the forward finishes every gradient, and
+the backward of a scalar loss only multiplies them by the upstream gradient (1 in
+training), in place.
+
+reduction="none" is the exception: there the upstream gradient u_i differs per row and
+dL/dW = sum_i u_i g_i^T h_i mixes the rows, so it cannot be recovered from a saved sum and
+saving every g_i would be holding the logits. Its forward keeps only the inputs and its
+backward recomputes the logits chunk by chunk, scaled by u_i (one GEMM more: 4 instead of
+3), which also lets it run any number of times.
+
+The smoothing term is linear in the logits, sum_c w_c x_c = h . (sum_c w_c W_c) + sum_c w_c b_c,
+but this module does not use that: the row op gathers sum_c w_c y_c in the same pass that
+finds the lse (no extra traffic), a softcap makes y non-linear in x, and for bf16 PyTorch's
+numbers come from the rounded logits, which the row op sees and the identity would not.
+
+Precision
+---------
+The logits of a chunk are a GEMM in the inputs' dtype (fp32 accumulation inside, rounded
+once, as ``F.linear`` does). The row op computes in fp32 and rounds g once. dL/dh is one
+GEMM over the whole vocabulary per token, exactly as in the materialised path. For bf16 and
+fp16 inputs dL/dW and dL/db are accumulated over the chunks in an fp32 buffer (V x H and V
+floats) and rounded once at the end; each chunk's product is produced in fp32 on CUDA
+(``torch.mm(out_dtype=)``) and, on the CPU where that does not exist, by a bf16 GEMM
+(fp32 inside, one rounding per chunk) before the fp32 sum.
+
+Work, memory and traffic per step (N tokens, C per chunk, b bytes per element)
+-----------------------------------------------------------------------------
+    flops:   3 x 2NVH, as the materialised path (forward, dL/dh, dL/dW); 4 x for "none"
+    held:    one C x V logits buffer in the inputs' dtype, plus for bf16/fp16 the fp32
+             accumulator of dL/dW (4VH bytes) and one product slab no larger than the
+             logits buffer; the materialised path holds about 3 x NVb (logits, their
+             log-softmax and their gradient)
+    traffic: W is read twice per chunk (forward and dL/dh GEMMs) and dL/dW read and
+             written once per chunk, so chunks of fewer than a few hundred rows make the
+             GEMMs memory-bound on a GPU: default_chunk_size never goes below
+             MIN_CHUNK_ROWS unless N does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_ls import backends
+from fused_ls.backends import FusedOps
+from fused_ls.functional import _backward_may_run_again, _check_arguments, _check_targets, _gradient_scale
+from fused_ls.reference import smoothed_xent_reference
+
+# Below this many rows a chunk's GEMMs (M = C) re-read W for too little work: an H100/H200
+# needs about 300 bf16 flops per byte of W read to be compute-bound, and each chunk does
+# 6*C*V*H flops for about 2*V*H*b + 8*V*H bytes.
+MIN_CHUNK_ROWS = 512
+
+
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk: a logits chunk about the size of the hidden states, >= MIN_CHUNK_ROWS.
+
+    A C x V chunk as large as the N x H hidden states (C ~ N*H/V, as torch's and Liger's
+    heuristics do) bounds the memory by what the caller already holds; the floor keeps the
+    GEMMs efficient. For the LLM shapes that matter (V >> H) the floor wins, so the chunk
+    holds 512 x V logits: 1/8 of the materialised logits at 4096 tokens.
+    """
+    rows_like_hidden = -(-num_tokens * hidden_size // max(vocab_size, 1))
+    chunk = max(MIN_CHUNK_ROWS, 1 << max(rows_like_hidden - 1, 0).bit_length())
+    return max(1, min(num_tokens, chunk))
+
+
+def smoothed_linear_xent(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.1,
+    *,
+    class_weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    convention: str = "uniform",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    normalizer: float | torch.Tensor | None = None,
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    r"""Smoothed cross-entropy of ``hidden @ weight.T + bias``, never holding more than a chunk of it.
+
+    Gives the numbers of ``smoothed_xent(F.linear(hidden, weight, bias), target, ...)`` and
+    the gradients for ``hidden``, ``weight`` and ``bias``, with one ``chunk_size x V`` logits
+    buffer instead of the ``N x V`` logits, their log-softmax and their gradient.
+
+    Args:
+        hidden: (..., H) float32, bfloat16 or float16 (float64 for checks), any leading dims.
+        weight: (V, H) in ``hidden``'s dtype, as ``nn.Linear.weight`` / an LM head.
+        target: (...) int64 or int32 class indices, the shape of ``hidden`` without H.
+        bias: optional (V,) in ``hidden``'s dtype.
+        label_smoothing: eps in [0, 1].
+        class_weight: optional (V,) class weights: ``smoothed_xent``'s ``weight=``, renamed
+            because ``weight`` here is the LM head. Not differentiated.
+        ignore_index, reduction, convention, z_loss, softcap, logit_scale, normalizer,
+            return_lse, backend: as in :func:`fused_ls.smoothed_xent`.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size` (at least 512 tokens,
+            or all of them). Smaller saves memory, larger re-reads ``weight`` less often.
+
+    Returns:
+        As :func:`fused_ls.smoothed_xent`: the loss in float32 (float64 for float64 inputs),
+        and with ``return_lse`` the per-token lse of the transformed logits.
+
+    The gradients of ``weight`` and ``bias`` are accumulated over the chunks in float32 for
+    bfloat16/float16 inputs and rounded once. The forward computes every gradient, so it costs
+    about three GEMMs (four for ``reduction="none"``, whose backward recomputes the logits);
+    with no gradient needed it is one GEMM. A mean over rows that are all ignored is 0 with
+    zero gradients, as in ``smoothed_xent``. Under ``torch.autocast`` the inputs are cast to
+    the autocast dtype first, as ``F.linear`` would.
+    """
+    _check_head(hidden, weight, bias, class_weight, chunk_size)
+    V, H = weight.shape
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    # A zero-byte stand-in with the logits' shape, dtype and device lets smoothed_xent's
+    # checks speak for the arguments the two functions share.
+    logits_like = hidden.new_empty(()).expand(*hidden.shape[:-1], V)
+    _check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention,
+                     z_loss, softcap, logit_scale)
+    _check_targets(target, V, ignore_index)
+    name = backends.resolve(backend, hidden.device)
+
+    hidden2d = hidden.reshape(-1, H)
+    target1d = target.reshape(-1)
+    acc_dtype = _accumulation_dtype(hidden.dtype)
+    grad_scale = _gradient_scale(target1d, class_weight, ignore_index, reduction, normalizer, V, acc_dtype)
+    if class_weight is not None and class_weight.dtype != torch.float64:
+        class_weight = class_weight.float()
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden2d.shape[0], H, V)
+    grad_on = torch.is_grad_enabled()
+    loss, lse = _LinearSmoothedXent.apply(
+        hidden2d, weight, bias, target1d, class_weight, grad_scale, reduction, chunk, name,
+        float(label_smoothing), convention == "others", int(ignore_index), float(z_loss),
+        float(softcap or 0.0), float(logit_scale),
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    if return_lse:
+        return loss, lse.view(target.shape)
+    return loss
+
+
+class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`smoothed_linear_xent`: ``loss(hidden, weight, target, bias=None)``.
+
+    Takes the same keyword arguments; ``class_weight`` is kept as a buffer.
+    """
+
+    def __init__(self, label_smoothing: float = 0.1, **kwargs):
+        super().__init__()
+        self.register_buffer("class_weight", kwargs.pop("class_weight", None))
+        self.label_smoothing = label_smoothing
+        self.kwargs = kwargs
+
+    def forward(self, hidden, weight, target, bias=None):
+        return smoothed_linear_xent(hidden, weight, target, bias, self.label_smoothing,
+                                    class_weight=self.class_weight, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"label_smoothing={self.label_smoothing}"] + [f"{k}={v!r}" for k, v in self.kwargs.items()])
+
+
+class _LinearSmoothedXent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, chunk, backend,
+                label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale,
+                need_hidden, need_weight, need_bias):
+        row_args = (label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+        ctx.setup = (chunk, backend, row_args)
+        ctx.reduction = reduction
+        if reduction == "none":
+            # The per-row upstream gradient arrives only in backward: recompute there.
+            loss_rows, lse, *_ = _sweep(hidden, weight, bias, target, class_weight, grad_scale, None,
+                                        chunk, backend, row_args, False, False, False)
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight, grad_scale)
+            ctx.mark_non_differentiable(lse)
+            return loss_rows, lse
+        loss_rows, lse, grad_hidden, grad_weight, grad_bias = _sweep(
+            hidden, weight, bias, target, class_weight, grad_scale, None,
+            chunk, backend, row_args, need_hidden, need_weight, need_bias,
+        )
+        if reduction == "sum":
+            loss = loss_rows.sum()
+        elif hidden.shape[0] == 0:
+            loss = loss_rows.sum() / 0.0  # PyTorch's mean of an empty batch
+        else:
+            loss = loss_rows.sum() * grad_scale
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if ctx.reduction == "none":
+            hidden, weight, bias, target, class_weight, grad_scale = ctx.saved_tensors
+            chunk, backend, row_args = ctx.setup
+            row_scale = grad_loss.reshape(-1).to(_accumulation_dtype(hidden.dtype))
+            _, _, grad_hidden, grad_weight, grad_bias = _sweep(
+                hidden, weight, bias, target, class_weight, grad_scale, row_scale,
+                chunk, backend, row_args, need_hidden, need_weight, need_bias,
+            )
+        else:
+            grad_hidden, grad_weight, grad_bias = (
+                _scale_saved(g, grad_loss) if need else None
+                for g, need in zip(ctx.saved_tensors, (need_hidden, need_weight, need_bias))
+            )
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 15
+
+
+def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, chunk, backend, row_args,
+           need_hidden, need_weight, need_bias):
+    """One pass over the token chunks: (loss_rows, lse, dL/dh, dL/dW, dL/db), each gradient
+    None unless asked for. `row_scale` (N,), if given, multiplies each row's gradient."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc_dtype = _accumulation_dtype(hidden.dtype)
+    rows_inplace = _rows_inplace(backend)
+    compiling = torch.compiler.is_compiling()
+    # Low-precision parameter gradients are summed over the chunks in fp32 and rounded once.
+    param_acc_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    grad_hidden = _empty(N, H, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    grad_weight = torch.zeros(V, H, dtype=param_acc_dtype, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(V, dtype=param_acc_dtype, device=weight.device) if need_bias else None
+    # One buffer reused by every chunk (the last may be shorter). Under torch.compile each
+    # chunk gets its own tensor and the compiler plans the memory.
+    buffer = None if compiling else _empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
+    weight_t = weight.t()
+    losses, lses = [], []
+    with _no_autocast(hidden.device.type):
+        for start in range(0, N, chunk):
+            stop = min(start + chunk, N)
+            h = hidden[start:stop]
+            if buffer is None:
+                logits = torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
+            else:
+                logits = buffer[: stop - start]
+                if bias is None:
+                    torch.mm(h, weight_t, out=logits)
+                else:
+                    torch.addmm(bias, h, weight_t, out=logits)
+            loss_rows, lse = rows_inplace(logits, target[start:stop], class_weight, grad_scale, *row_args)
+            losses.append(loss_rows)
+            lses.append(lse)
+            grad = logits  # the row op wrote g over the logits
+            if row_scale is not None:
+                torch.ops.fused_ls.scale_rows_(grad, row_scale[start:stop])
+            if need_hidden:
+                if buffer is None:
+                    grad_hidden[start:stop] = torch.mm(grad, weight)
+                else:
+                    torch.mm(grad, weight, out=grad_hidden[start:stop])
+            if need_weight:
+                _add_transposed_product_(grad_weight, grad, h)
+            if need_bias:
+                grad_bias += grad.sum(0, dtype=param_acc_dtype)
+    del buffer
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    if N == 0:
+        empty = hidden.new_empty(0, dtype=acc_dtype)
+        return empty, empty.clone(), grad_hidden, grad_weight, grad_bias
+    return torch.cat(losses), torch.cat(lses), grad_hidden, grad_weight, grad_bias
+
+
+def _add_transposed_product_(acc: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
+    """acc (V, H) += grad.T @ h, where acc may be fp32 and grad, h bf16/fp16."""
+    if acc.dtype == grad.dtype:
+        acc.addmm_(grad.t(), h)
+        return
+    # No GEMM here both reads bf16 and adds into an fp32 C on every device (addmm's out_dtype
+    # is CUDA-only and fails under torch.compile: pytorch#163880), so the product is made in
+    # vocabulary slabs and added in fp32: the slab is never larger than the logits chunk.
+    on_cuda = grad.device.type == "cuda"
+    product_bytes = 4 if on_cuda else grad.element_size()
+    V, H = acc.shape
+    slab = max(1, grad.numel() * grad.element_size() // (H * product_bytes))
+    for v0 in range(0, V, slab):
+        g_slab = grad[:, v0 : v0 + slab].t()
+        if on_cuda:
+            product = torch.mm(g_slab, h, out_dtype=torch.float32)  # fp32 out of the tensor cores
+        else:
+            product = torch.mm(g_slab, h)  # fp32 inside, rounded once per chunk
+        acc[v0 : v0 + slab] += product
+
+
+def _scale_saved(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """The saved gradient times the scalar upstream gradient, in place when nothing needs it again."""
+    if grad is None:
+        return None
+    scale = grad_loss.reshape(1).to(_accumulation_dtype(grad.dtype))
+    rows = grad if grad.dim() == 2 else grad.view(1, -1)
+    if _backward_may_run_again():
+        return (grad * scale).to(grad.dtype)
+    # On CUDA the op skips all traffic when the upstream gradient is exactly 1.
+    torch.ops.fused_ls.scale_rows_(rows, scale.expand(rows.shape[0]))
+    return grad
+
+
+def _rows_inplace(backend: str):
+    if backend == "torch":
+        return _eager_rows_inplace
+    ops: FusedOps = backends.fused_ops(backend)
+    return ops.rows_inplace
+
+
+def _eager_rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index,
+                        z_loss, softcap, logit_scale):
+    """The row-op contract in eager PyTorch: the reference and autograd on one chunk of rows."""
+    kwargs = dict(
+        weight=weight, ignore_index=ignore_index, reduction="none",
+        convention="others" if smooth_others else "uniform", z_loss=z_loss,
+        softcap=softcap if softcap > 0 else None, logit_scale=logit_scale, return_lse=True,
+    )
+    if torch.is_inference_mode_enabled():
+        # No autograd here, and no caller of an inference-mode forward reads the gradient.
+        loss_rows, lse = smoothed_xent_reference(logits, target, label_smoothing, **kwargs)
+        return loss_rows, lse
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(True)
+        loss_rows, lse = smoothed_xent_reference(x, target, label_smoothing, **kwargs)
+        (grad,) = torch.autograd.grad(loss_rows, x, grad_scale.to(loss_rows.dtype).expand_as(loss_rows))
+    logits.copy_(grad)
+    return loss_rows.detach(), lse
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    """Every buffer whose contents the sweep must write before reading (tests poison it)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device_type: str):
+    # The inputs are already in their compute dtype; autocast would round the fp32 accumulation.
+    return torch.autocast(device_type, enabled=False)
+
+
+def _check_head(hidden, weight, bias, class_weight, chunk_size):
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("hidden and weight must be tensors")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have a feature dimension (..., H), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    V = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
+            raise ValueError(f"bias must be a tensor of shape ({V},), got {getattr(bias, 'shape', type(bias))}")
+        if bias.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise TypeError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    if class_weight is not None and (
+        not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1 or class_weight.shape[0] != V
+    ):
+        raise ValueError(f"class_weight must be a 1-D tensor of {V} class weights")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
