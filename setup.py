@@ -1,5 +1,75 @@
-"""Builds fused_ls; the native extension fused_ls._C is added by csrc/ (see README)."""
+"""Builds fused_ls and, when torch is importable at build time, its native extension fused_ls._C.
 
-from setuptools import setup
+    pip install --no-build-isolation -e .
 
-setup()
+compiles the C++ CPU kernels always, and the CUDA kernels too when torch has CUDA and nvcc
+is present (FUSED_LS_NO_CUDA=1 skips them). With no torch or no C++ compiler at build time
+the pure-Python package still installs, and fused_ls builds the extension just in time on
+first use (fused_ls/native.py). The sources also ship inside the package, as fused_ls._csrc,
+for that just-in-time build. How the parts are compiled: fused_ls/_native_build.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _build_helpers():
+    # By path: importing the fused_ls package itself while building it would need torch.
+    spec = importlib.util.spec_from_file_location("_fused_ls_native_build", ROOT / "fused_ls" / "_native_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _native_extension() -> dict:
+    """setup() keywords for fused_ls._C, or {} when it cannot be built here."""
+    if os.environ.get("FUSED_LS_NO_NATIVE") == "1":
+        print("fused_ls: FUSED_LS_NO_NATIVE=1, installing without the native extension")
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("fused_ls: torch is not importable at build time; the native extension will be built on first use")
+        return {}
+    build = _build_helpers()
+    if build.cxx_compiler() is None:
+        print("fused_ls: no C++ compiler found; installing without the native extension")
+        return {}
+
+    no_cuda_reason = build.cuda_build_reason()
+    isas = build.kernel_isas()
+    cxx_flags = [*build.CXX_FLAGS, *build.isa_defines(isas)]
+    sources = [f"csrc/{name}" for name in build.CPU_SOURCES]
+    if no_cuda_reason is None:
+        print("fused_ls: building the C++ and CUDA kernels")
+        sources += [f"csrc/{name}" for name in build.CUDA_SOURCES]
+        extension = CUDAExtension(
+            "fused_ls._C", sources,
+            extra_compile_args={"cxx": [*cxx_flags, "-DFUSED_LS_WITH_CUDA"], "nvcc": build.NVCC_FLAGS},
+        )
+    else:
+        print(f"fused_ls: building the C++ kernels (CPU kernel for {', '.join(isas)}); no CUDA: {no_cuda_reason}")
+        extension = CppExtension("fused_ls._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+    class BuildNativeExtension(BuildExtension):
+        def build_extension(self, ext):
+            objects = build.compile_cpu_kernels(Path(self.build_temp) / "fused_ls_cpu_kernels", verbose=bool(self.verbose))
+            ext.extra_objects = [*objects, *(ext.extra_objects or [])]
+            super().build_extension(ext)
+
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildNativeExtension}}
+
+
+setup(
+    packages=[*find_packages(include=["fused_ls", "fused_ls.*"]), "fused_ls._csrc"],
+    package_dir={"fused_ls._csrc": "csrc"},
+    package_data={"fused_ls._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cpp", "cuda/*.cu"]},
+    **_native_extension(),
+)

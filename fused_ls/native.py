@@ -1,19 +1,129 @@
-"""Loading the native extension fused_ls._C (C++ CPU kernel, CUDA kernel when built)."""
+"""Loading the native extension: the C++ CPU kernel, and the CUDA kernel where it was built.
+
+`load()` imports fused_ls._C, built by setup.py. When the package was installed without it
+(no torch or no compiler at install time, or a _C built against another torch), the first
+call builds it just in time with torch.utils.cpp_extension.load and ninja into a cache
+directory ($FUSED_LS_CACHE_DIR, default ~/.cache/fused_ls/<python-torch-device tag>) and
+says so in one line; later processes load the cached build. FUSED_LS_NO_JIT=1 turns the
+just-in-time build off. Whatever fails, the package still imports and the other backends work.
+
+Importing the extension registers the ops fused_ls::smoothed_xent_rows and
+fused_ls::smoothed_xent_rows_ (schema in csrc/ops.cpp); this module adds their fake
+implementations, for torch.compile and opcheck.
+"""
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+JIT_NAME = "fused_ls_C"
+
+# (module or None, why not); filled once per process by load().
+_STATE: dict[str, tuple[ModuleType | None, str]] = {}
 
 
-@functools.cache
 def load() -> tuple[bool, str]:
-    """(True, "") once fused_ls._C is loaded and its ops registered, else (False, why)."""
-    try:
-        from fused_ls import _C  # noqa: F401
-    except ImportError as exc:
-        return False, f"the extension fused_ls._C is not built ({exc})"
-    return True, ""
+    """(True, "") once the extension is loaded and its ops registered, else (False, why)."""
+    if "native" not in _STATE:
+        module, why = _import_or_build()
+        if module is not None:
+            _register_fakes()
+        _STATE["native"] = (module, why)
+    module, why = _STATE["native"]
+    return module is not None, why
 
 
 def has_cuda() -> bool:
-    return False
+    """Whether the loaded extension has the CUDA kernel."""
+    return load()[0] and bool(_STATE["native"][0].WITH_CUDA)
+
+
+def cpu_kernel_isa() -> str:
+    """The CPU kernel variant this process runs: "DEFAULT", "AVX2" or "AVX512"."""
+    ok, why = load()
+    if not ok:
+        raise RuntimeError(why)
+    return _STATE["native"][0].cpu_kernel_isa()
+
+
+def _import_or_build() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("fused_ls._C"), ""
+    except ImportError as exc:
+        installed_error = f"fused_ls._C is not importable ({exc})"
+    if os.environ.get("FUSED_LS_NO_JIT") == "1":
+        return None, f"{installed_error}, and FUSED_LS_NO_JIT=1 turns off the just-in-time build"
+    try:
+        return _build_just_in_time(), ""
+    except Exception as exc:  # no compiler, no ninja, a compile error: the other backends still work
+        return None, f"{installed_error}, and the just-in-time build failed ({type(exc).__name__}: {exc})"
+
+
+def cache_dir(with_cuda: bool) -> Path:
+    root = os.environ.get("FUSED_LS_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fused_ls"
+    device = f"cu{torch.version.cuda}" if with_cuda else "cpu"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{device}".replace("+", "_")
+    return Path(root) / tag
+
+
+def _build_just_in_time() -> ModuleType:
+    from torch.utils.cpp_extension import load as load_extension
+
+    from fused_ls import _native_build as build
+
+    if build.cxx_compiler() is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH)")
+    csrc = build.csrc_dir()
+    with_cuda = build.cuda_build_reason() is None
+    sources = [csrc / name for name in build.CPU_SOURCES]
+    if with_cuda:
+        sources += [csrc / name for name in build.CUDA_SOURCES]
+    directory = cache_dir(with_cuda)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    stamp = directory / "sources.sha256"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.rglob("*")) if p.is_file())).hexdigest()
+    if not (stamp.exists() and stamp.read_text() == digest):
+        what = "C++ and CUDA" if with_cuda else "C++"
+        print(f"fused_ls: fused_ls._C is not installed; building its {what} kernels just in time into {directory} "
+              "(once, about a minute)", file=sys.stderr, flush=True)
+    objects = build.compile_cpu_kernels(directory / "cpu_kernels")
+    cflags = [*build.CXX_FLAGS, *build.isa_defines(build.kernel_isas())]
+    if with_cuda:
+        cflags.append("-DFUSED_LS_WITH_CUDA")
+    module = load_extension(
+        name=JIT_NAME,
+        sources=[str(p) for p in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=list(build.NVCC_FLAGS),
+        extra_ldflags=objects,
+        build_directory=str(directory),
+        with_cuda=with_cuda,
+        verbose=False,
+    )
+    stamp.write_text(digest)
+    return module
+
+
+def _row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("fused_ls::smoothed_xent_rows")
+    def _(logits, target, weight, grad_scale, *args):
+        loss, lse = _row_outputs(logits)
+        return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fused_ls::smoothed_xent_rows_")
+    def _(logits, target, weight, grad_scale, *args):
+        return _row_outputs(logits)

@@ -1,0 +1,421 @@
+// Fused label-smoothed cross-entropy on the CPU: loss, lse and gradient of a row in one call.
+// The maths is in ../smoothed_xent.h. This file is compiled once per instruction set (see
+// smoothed_xent_kernel.h); at::vec gives 16 fp32 lanes with AVX512, 8 with AVX2.
+//
+// One exp per logit, the row kept in cache
+// -----------------------------------------
+// A row is processed in chunks of kChunk logits. Pass 1, per chunk: the chunk's max m_k
+// (reading the chunk from memory), then e = exp(y - m_k) for the chunk (re-reading it from
+// L1), stored to a per-thread fp32 buffer `e` of one row. When the row is done,
+//     m = max_k m_k,   s = sum_k s_k exp(m_k - m),   p_c = e_c exp(m_k - m) / s,
+// so pass 2 turns each stored e into a gradient with a single multiply-add and no second
+// exp. The `e` buffer is rewritten for every row and stays in L2 (a 128k-class row is 512 KB
+// of fp32; this machine's L2 is 2 MB per core), so DRAM sees each logit read once and each
+// gradient element written once. The smoothing sum is accumulated per chunk as
+// sum_c w_c (y_c - m_k), small numbers, and combined as sum_k [(m - m_k) W_k - d_k]: adding a
+// constant to every logit changes nothing, and nothing large is subtracted.
+//
+// Memory traffic per row (b = bytes per logit): read V*b, write V*b (in place: into lines
+// pass 1 just read). Scratch: 4V bytes (8V with softcap, which keeps y to avoid a second
+// tanh) per thread, reused across rows; the class weights (4V) are shared by all rows.
+//
+// The gradient of each element is computed in fp32 (fp64 for fp64 logits) and rounded once;
+// the true class's element is recomputed in fp32 from its own e and written last, so its
+// p_t - k_t never passes through the low-precision dtype. A target outside [0, V) is never
+// used as an index: its row's loss is NaN and its gradient 0.
+#include "smoothed_xent_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <tuple>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#ifndef CPU_CAPABILITY
+#error "compile with -DCPU_CAPABILITY=DEFAULT, AVX2 or AVX512 (see fused_ls/_native_build.py)"
+#endif
+
+namespace fused_ls::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Logits per chunk of pass 1: a chunk (8 KB of fp32) and its exps stay in L1 between the
+// max and the exp. A multiple of every kStep below.
+constexpr int64_t kChunk = 2048;
+
+// Loads and stores kStep logits as two accumulator vectors (one reduced-precision vector
+// holds exactly two fp32 vectors' worth).
+template <typename scalar_t>
+struct RowIo {  // float, double: the accumulator type itself
+  using acc_t = scalar_t;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kStep = 2 * kLanes;
+
+  static void load(const scalar_t* p, Vec& a, Vec& b) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kLanes);
+  }
+  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
+    a = Vec::loadu(p, std::min(n, kLanes));
+    b = n > kLanes ? Vec::loadu(p + kLanes, n - kLanes) : Vec(acc_t(0));
+  }
+  static void store(scalar_t* p, const Vec& a, const Vec& b) {
+    a.store(p);
+    b.store(p + kLanes);
+  }
+  static void store_partial(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
+    a.store(p, static_cast<int>(std::min(n, kLanes)));
+    if (n > kLanes) b.store(p + kLanes, static_cast<int>(n - kLanes));
+  }
+};
+
+template <typename reduced_t>
+struct ReducedRowIo {  // bfloat16, float16: converted to fp32 on load, rounded (RNE) on store
+  using acc_t = float;
+  using Vec = Vectorized<float>;
+  using ReducedVec = Vectorized<reduced_t>;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kStep = ReducedVec::size();
+  static_assert(kStep == 2 * kLanes, "a reduced-precision vector must hold two fp32 vectors");
+
+  static void load(const reduced_t* p, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<reduced_t>(ReducedVec::loadu(p));
+  }
+  static void load_partial(const reduced_t* p, int64_t n, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<reduced_t>(ReducedVec::loadu(p, n));
+  }
+  static void store(reduced_t* p, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<reduced_t>(a, b).store(p);
+  }
+  static void store_partial(reduced_t* p, int64_t n, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<reduced_t>(a, b).store(p, static_cast<int>(n));
+  }
+};
+template <>
+struct RowIo<c10::BFloat16> : ReducedRowIo<c10::BFloat16> {};
+template <>
+struct RowIo<c10::Half> : ReducedRowIo<c10::Half> {};
+
+template <typename T>
+struct AlignedFree {
+  void operator()(T* p) const { std::free(p); }
+};
+template <typename T>
+using AlignedBuffer = std::unique_ptr<T[], AlignedFree<T>>;
+
+template <typename T>
+AlignedBuffer<T> aligned_buffer(int64_t count) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();
+  return AlignedBuffer<T>(p);
+}
+
+template <typename T>
+T nan_max(T a, T b) {  // NaN-propagating, like at::vec::maximum
+  return (a > b || std::isnan(a)) ? a : b;
+}
+
+template <typename Vec, typename T = typename Vec::value_type>
+T horizontal_max(const Vec& v) {
+  alignas(64) T lanes[Vec::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int i = 1; i < Vec::size(); ++i) m = nan_max(m, lanes[i]);
+  return m;
+}
+
+template <typename Vec, typename T = typename Vec::value_type>
+T horizontal_sum(const Vec& v) {
+  alignas(64) T lanes[Vec::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// The rows of one problem on one thread, for one dtype and feature set.
+template <typename scalar_t, bool kHasWeight, bool kHasSoftcap>
+class RowKernel {
+  using Io = RowIo<scalar_t>;
+  using acc_t = typename Io::acc_t;
+  using Vec = typename Io::Vec;
+  static constexpr int64_t kLanes = Io::kLanes;
+  static constexpr int64_t kStep = Io::kStep;
+
+ public:
+  explicit RowKernel(const RowsProblem& p)
+      : logits_(static_cast<const scalar_t*>(p.logits)),
+        grad_(static_cast<scalar_t*>(p.grad)),
+        target_(p.target),
+        weight_(static_cast<const acc_t*>(p.weight)),
+        loss_(static_cast<acc_t*>(p.loss)),
+        lse_(static_cast<acc_t*>(p.lse)),
+        logits_row_stride_(p.logits_row_stride),
+        grad_row_stride_(p.grad_row_stride),
+        V_(p.num_classes),
+        num_chunks_((p.num_classes + kChunk - 1) / kChunk),
+        ignore_index_(p.ignore_index),
+        k_s_(static_cast<acc_t>(p.k_s)),
+        k_t_(static_cast<acc_t>(p.k_t)),
+        z_loss_(static_cast<acc_t>(p.z_loss)),
+        softcap_(static_cast<acc_t>(kHasSoftcap ? p.softcap : 1.0)),
+        logit_scale_(static_cast<acc_t>(p.logit_scale)),
+        grad_scale_(*static_cast<const acc_t*>(p.grad_scale)),
+        weight_sum_(kHasWeight ? *static_cast<const acc_t*>(p.weight_sum) : static_cast<acc_t>(p.num_classes)),
+        padded_V_((p.num_classes + kStep - 1) / kStep * kStep),
+        e_(aligned_buffer<acc_t>(padded_V_)),
+        y_(aligned_buffer<acc_t>(kHasSoftcap ? padded_V_ : 0)),
+        chunk_(aligned_buffer<ChunkStats>(num_chunks_)) {
+    // The class weight of each chunk, W_k, is the same for every row.
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
+      acc_t w = static_cast<acc_t>(c1 - c0);
+      if constexpr (kHasWeight) {
+        w = 0;
+        for (int64_t c = c0; c < c1; ++c) w += weight_[c];
+      }
+      chunk_[k].weight = w;
+    }
+  }
+
+  void run(int64_t row) {
+    const scalar_t* x = logits_ + row * logits_row_stride_;
+    scalar_t* g = grad_ + row * grad_row_stride_;
+    const int64_t t = target_[row];
+    const bool ignored = t == ignore_index_;
+    const bool in_range = 0 <= t && t < V_;
+    const bool valid = in_range && !ignored;
+
+    for (int64_t k = 0; k < num_chunks_; ++k) chunk_pass(x, k);
+
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t k = 0; k < num_chunks_; ++k) m = nan_max(m, chunk_[k].max);
+    acc_t s = 0, deviation = 0;  // deviation = sum_c w_c (m - y_c)
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      const ChunkStats& c = chunk_[k];
+      chunk_[k].to_row = std::exp(c.shift - m);
+      s += c.sum_exp * chunk_[k].to_row;
+      deviation += (m - c.shift) * c.weight - c.sum_wd;
+    }
+    const acc_t log_s = std::log(s);
+    const acc_t lse = m + log_s;
+
+    acc_t w_t = 0, y_t = 0;
+    if (valid) {
+      w_t = kHasWeight ? weight_[t] : acc_t(1);
+      y_t = kHasSoftcap ? y_[t] : static_cast<acc_t>(x[t]) * logit_scale_;
+    }
+    const acc_t true_mass = k_t_ * w_t;
+    const acc_t total_mass = k_s_ * weight_sum_ + true_mass;
+    // A zero mass contributes nothing even against an infinite logit (a masked class).
+    const acc_t loss = total_mass * log_s + (k_s_ != 0 ? k_s_ * deviation : acc_t(0)) +
+                       (true_mass != 0 ? true_mass * (m - y_t) : acc_t(0)) + z_loss_ * lse * lse;
+    loss_[row] = ignored ? acc_t(0) : in_range ? loss : std::numeric_limits<acc_t>::quiet_NaN();
+    lse_[row] = lse;
+
+    if (!valid) {
+      zero_row(g);
+      return;
+    }
+    const acc_t p_coef = total_mass + 2 * z_loss_ * lse;
+    for (int64_t k = 0; k < num_chunks_; ++k) gradient_pass(g, k, p_coef / s * chunk_[k].to_row);
+    // The true class, from its own e, in acc precision, rounded once.
+    const acc_t p_t = e_[t] * chunk_[t / kChunk].to_row / s;
+    acc_t dydx_t = logit_scale_;
+    if constexpr (kHasSoftcap) {
+      const acc_t c = y_t / softcap_;
+      dydx_t = logit_scale_ * (1 - c * c);
+    }
+    g[t] = static_cast<scalar_t>((p_coef * p_t - k_s_ * w_t - true_mass) * grad_scale_ * dydx_t);
+  }
+
+ private:
+  struct ChunkStats {
+    acc_t max;      // max of y over the chunk (-inf if every y is -inf)
+    acc_t shift;    // what e was taken relative to: `max`, or 0 when that is -inf
+    acc_t sum_exp;  // sum exp(y - shift)
+    acc_t sum_wd;   // sum w (y - shift)
+    acc_t weight;   // sum w, the same for every row
+    acc_t to_row;   // exp(shift - m): from the chunk's e to the row's
+  };
+
+  Vec transform(Vec x) const {
+    Vec u = x * Vec(logit_scale_);
+    if constexpr (kHasSoftcap) u = Vec(softcap_) * (u / Vec(softcap_)).tanh();
+    return u;
+  }
+
+  // y at [c, c + kStep) into (a, b); lanes at or past `valid_count` become -inf.
+  void load_y(const scalar_t* x, int64_t c, int64_t valid_count, Vec& a, Vec& b) const {
+    if (valid_count >= kStep) {
+      Io::load(x + c, a, b);
+      a = transform(a);
+      b = transform(b);
+    } else {
+      Io::load_partial(x + c, valid_count, a, b);
+      const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+      a = Vec::set(neg_inf, transform(a), std::min(valid_count, kLanes));
+      b = Vec::set(neg_inf, transform(b), std::max<int64_t>(valid_count - kLanes, 0));
+    }
+  }
+
+  void chunk_pass(const scalar_t* x, int64_t k) {
+    const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
+    Vec max_a(-std::numeric_limits<acc_t>::infinity()), max_b = max_a;
+    for (int64_t c = c0; c < c1; c += kStep) {
+      Vec a, b;
+      load_y(x, c, c1 - c, a, b);
+      if constexpr (kHasSoftcap) {  // keep y: pass 2 needs it, and tanh is dear
+        a.store(y_.get() + c);
+        b.store(y_.get() + c + kLanes);
+      }
+      max_a = at::vec::maximum(max_a, a);
+      max_b = at::vec::maximum(max_b, b);
+    }
+    ChunkStats& stats = chunk_[k];
+    stats.max = horizontal_max(at::vec::maximum(max_a, max_b));
+    // A chunk whose every y is -inf contributes e = 0, not exp(-inf - -inf) = NaN.
+    stats.shift = stats.max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : stats.max;
+
+    const Vec shift(stats.shift);
+    Vec sum_a(acc_t(0)), sum_b(acc_t(0)), wd_a(acc_t(0)), wd_b(acc_t(0));
+    for (int64_t c = c0; c < c1; c += kStep) {
+      const int64_t n = c1 - c;
+      Vec a, b;
+      if constexpr (kHasSoftcap) {
+        a = Vec::loadu(y_.get() + c);
+        b = Vec::loadu(y_.get() + c + kLanes);
+      } else {
+        load_y(x, c, n, a, b);
+      }
+      a = a - shift;
+      b = b - shift;
+      const Vec ea = a.exp(), eb = b.exp();
+      ea.store(e_.get() + c);
+      eb.store(e_.get() + c + kLanes);
+      sum_a = sum_a + ea;
+      sum_b = sum_b + eb;
+      if (n < kStep) {  // the row's last, partial step: masked lanes hold -inf
+        a = Vec::set(Vec(acc_t(0)), a, std::min(n, kLanes));
+        b = Vec::set(Vec(acc_t(0)), b, std::max<int64_t>(n - kLanes, 0));
+      }
+      if constexpr (kHasWeight) {
+        Vec wa, wb;
+        if (n >= kStep) {
+          wa = Vec::loadu(weight_ + c);
+          wb = Vec::loadu(weight_ + c + kLanes);
+        } else {
+          wa = Vec::loadu(weight_ + c, std::min(n, kLanes));
+          wb = n > kLanes ? Vec::loadu(weight_ + c + kLanes, n - kLanes) : Vec(acc_t(0));
+        }
+        wd_a = at::vec::fmadd(wa, a, wd_a);
+        wd_b = at::vec::fmadd(wb, b, wd_b);
+      } else {
+        wd_a = wd_a + a;
+        wd_b = wd_b + b;
+      }
+    }
+    stats.sum_exp = horizontal_sum(sum_a + sum_b);
+    stats.sum_wd = horizontal_sum(wd_a + wd_b);
+  }
+
+  // g = (p_coef p - k_s w) * grad_scale * dy/dx over chunk k, where p = e * e_to_p.
+  void gradient_pass(scalar_t* g, int64_t k, acc_t e_to_p_coef) {
+    const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
+    const acc_t scale = grad_scale_ * logit_scale_;
+    // Without softcap dy/dx is the constant logit_scale: fold it in and use one fma.
+    const Vec a_coef(kHasSoftcap ? e_to_p_coef : e_to_p_coef * scale);
+    const Vec smooth(kHasSoftcap ? k_s_ : k_s_ * scale);
+    for (int64_t c = c0; c < c1; c += kStep) {
+      const int64_t n = c1 - c;
+      Vec ga, gb;
+      const Vec ea = Vec::loadu(e_.get() + c), eb = Vec::loadu(e_.get() + c + kLanes);
+      if constexpr (kHasWeight) {
+        Vec wa, wb;
+        if (n >= kStep) {
+          wa = Vec::loadu(weight_ + c);
+          wb = Vec::loadu(weight_ + c + kLanes);
+        } else {
+          wa = Vec::loadu(weight_ + c, std::min(n, kLanes));
+          wb = n > kLanes ? Vec::loadu(weight_ + c + kLanes, n - kLanes) : Vec(acc_t(0));
+        }
+        ga = at::vec::fmsub(a_coef, ea, smooth * wa);
+        gb = at::vec::fmsub(a_coef, eb, smooth * wb);
+      } else {
+        ga = at::vec::fmsub(a_coef, ea, smooth);
+        gb = at::vec::fmsub(a_coef, eb, smooth);
+      }
+      if constexpr (kHasSoftcap) {  // dy/dx = logit_scale (1 - (y / softcap)^2)
+        const Vec ya = Vec::loadu(y_.get() + c) / Vec(softcap_), yb = Vec::loadu(y_.get() + c + kLanes) / Vec(softcap_);
+        ga = ga * (Vec(scale) - Vec(scale) * ya * ya);
+        gb = gb * (Vec(scale) - Vec(scale) * yb * yb);
+      }
+      if (n >= kStep) {
+        Io::store(g + c, ga, gb);
+      } else {
+        Io::store_partial(g + c, n, ga, gb);
+      }
+    }
+  }
+
+  void zero_row(scalar_t* g) const {
+    const Vec zero(acc_t(0));
+    int64_t c = 0;
+    for (; c + kStep <= V_; c += kStep) Io::store(g + c, zero, zero);
+    if (c < V_) Io::store_partial(g + c, V_ - c, zero, zero);
+  }
+
+  const scalar_t* logits_;
+  scalar_t* grad_;
+  const int64_t* target_;
+  const acc_t* weight_;
+  acc_t* loss_;
+  acc_t* lse_;
+  int64_t logits_row_stride_, grad_row_stride_, V_, num_chunks_, ignore_index_;
+  acc_t k_s_, k_t_, z_loss_, softcap_, logit_scale_, grad_scale_, weight_sum_;
+  int64_t padded_V_;
+  AlignedBuffer<acc_t> e_;  // exp(y - shift) of the current row, padded to whole steps
+  AlignedBuffer<acc_t> y_;  // y of the current row (softcap only)
+  AlignedBuffer<ChunkStats> chunk_;
+};
+
+template <typename scalar_t, bool kHasWeight, bool kHasSoftcap>
+void run_rows(const RowsProblem& p, int64_t row_begin, int64_t row_end) {
+  RowKernel<scalar_t, kHasWeight, kHasSoftcap> kernel(p);
+  for (int64_t row = row_begin; row < row_end; ++row) kernel.run(row);
+}
+
+template <typename scalar_t>
+void run_rows_for_dtype(const RowsProblem& p, int64_t row_begin, int64_t row_end) {
+  const bool weighted = p.weight != nullptr, capped = p.softcap > 0;
+  if (weighted && capped) return run_rows<scalar_t, true, true>(p, row_begin, row_end);
+  if (weighted) return run_rows<scalar_t, true, false>(p, row_begin, row_end);
+  if (capped) return run_rows<scalar_t, false, true>(p, row_begin, row_end);
+  return run_rows<scalar_t, false, false>(p, row_begin, row_end);
+}
+
+}  // namespace
+
+void smoothed_xent_rows(const RowsProblem& problem, int64_t row_begin, int64_t row_end) {
+  switch (problem.dtype) {
+    case ScalarKind::Float32:
+      return run_rows_for_dtype<float>(problem, row_begin, row_end);
+    case ScalarKind::Float64:
+      return run_rows_for_dtype<double>(problem, row_begin, row_end);
+    case ScalarKind::BFloat16:
+      return run_rows_for_dtype<c10::BFloat16>(problem, row_begin, row_end);
+    case ScalarKind::Float16:
+      return run_rows_for_dtype<c10::Half>(problem, row_begin, row_end);
+  }
+}
+
+}  // namespace fused_ls::cpu::CPU_CAPABILITY

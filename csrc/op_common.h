@@ -1,0 +1,108 @@
+// The torch side shared by the CPU and CUDA implementations of fused_ls::smoothed_xent_rows(_):
+// argument checks at the C++ boundary, and the tensors a kernel needs, in the dtypes and
+// layouts it reads. Nothing here synchronises with a device.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+
+#include "smoothed_xent.h"
+
+namespace fused_ls {
+
+inline ScalarKind scalar_kind(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return ScalarKind::Float32;
+    case at::kDouble:
+      return ScalarKind::Float64;
+    case at::kBFloat16:
+      return ScalarKind::BFloat16;
+    case at::kHalf:
+      return ScalarKind::Float16;
+    default:
+      TORCH_CHECK(false, "fused_ls: logits must be float32, bfloat16, float16 or float64, got ", dtype);
+  }
+}
+
+// Inputs converted for a kernel, the row outputs allocated, and the problem description
+// pointing at them (all but the gradient, which the caller owns).
+struct PreparedRows {
+  at::Tensor target;      // int64, contiguous
+  at::Tensor weight;      // acc dtype, contiguous; undefined without class weights
+  at::Tensor weight_sum;  // 0-d acc
+  at::Tensor grad_scale;  // 0-d acc
+  at::Tensor loss;        // (N,) acc
+  at::Tensor lse;         // (N,) acc
+  RowsProblem problem;
+};
+
+inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& target,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& grad_scale,
+                                 double label_smoothing, bool smooth_others, int64_t ignore_index, double z_loss,
+                                 double softcap, double logit_scale) {
+  TORCH_CHECK(logits.dim() == 2, "fused_ls: logits must be 2-D (rows, classes), got shape ", logits.sizes());
+  const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
+  TORCH_CHECK(num_classes >= 1, "fused_ls: logits need at least one class");
+  TORCH_CHECK(logits.stride(1) == 1 || num_classes == 1,
+              "fused_ls: logits must have unit stride along the classes, got strides ", logits.strides());
+  const ScalarKind kind = scalar_kind(logits.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == num_rows, "fused_ls: target must have shape (", num_rows,
+              ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "fused_ls: target must be int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), "fused_ls: target is on ", target.device(), ", logits on ",
+              logits.device());
+  TORCH_CHECK(grad_scale.numel() == 1 && at::isFloatingType(grad_scale.scalar_type()),
+              "fused_ls: grad_scale must be a floating-point scalar tensor");
+  TORCH_CHECK(grad_scale.device() == logits.device(), "fused_ls: grad_scale is on ", grad_scale.device(),
+              ", logits on ", logits.device());
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fused_ls: label_smoothing must be in [0, 1], got ",
+              label_smoothing);
+  TORCH_CHECK(softcap >= 0.0, "fused_ls: softcap must be > 0 (or 0 for none), got ", softcap);
+  TORCH_CHECK(!smooth_others || num_classes >= 2, "fused_ls: the 'others' convention needs at least 2 classes");
+
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  PreparedRows out;
+  out.target = target.to(at::kLong).contiguous();
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == num_classes, "fused_ls: weight must have shape (",
+                num_classes, ",), got ", weight->sizes());
+    TORCH_CHECK(at::isFloatingType(weight->scalar_type()), "fused_ls: weight must be floating point, got ",
+                weight->scalar_type());
+    TORCH_CHECK(weight->device() == logits.device(), "fused_ls: weight is on ", weight->device(), ", logits on ",
+                logits.device());
+    out.weight = weight->to(acc).contiguous();
+    // Summed in the weight's own precision (float32 at least), as the Triton launcher does.
+    const at::ScalarType sum_dtype = weight->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    out.weight_sum = weight->sum(sum_dtype).to(acc);
+  }
+  out.grad_scale = grad_scale.to(acc).reshape({}).contiguous();
+  out.loss = at::empty({num_rows}, logits.options().dtype(acc));
+  out.lse = at::empty({num_rows}, logits.options().dtype(acc));
+
+  RowsProblem& p = out.problem;
+  p.dtype = kind;
+  p.logits = logits.data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  p.grad = nullptr;
+  p.grad_row_stride = 0;
+  p.target = out.target.data_ptr<int64_t>();
+  p.weight = out.weight.defined() ? out.weight.data_ptr() : nullptr;
+  p.weight_sum = out.weight_sum.defined() ? out.weight_sum.data_ptr() : nullptr;
+  p.grad_scale = out.grad_scale.data_ptr();
+  p.loss = out.loss.data_ptr();
+  p.lse = out.lse.data_ptr();
+  p.num_rows = num_rows;
+  p.num_classes = num_classes;
+  p.ignore_index = ignore_index;
+  smoothing_masses(label_smoothing, num_classes, smooth_others, &p.k_s, &p.k_t);
+  p.z_loss = z_loss;
+  p.softcap = softcap;
+  p.logit_scale = logit_scale;
+  return out;
+}
+
+}  // namespace fused_ls

@@ -1,0 +1,60 @@
+// The problem every native kernel of fused_ls solves, in plain C++ (no torch headers), so
+// that the CUDA sources compile with a bare `nvcc -c` and the CPU kernel with bare at::vec.
+//
+// Per row of V logits x with target t (the maths in full: fused_ls/triton/smoothed_xent.py):
+//     y = softcap * tanh(logit_scale * x / softcap)    (y = logit_scale * x without softcap)
+//     m = max y,  s = sum exp(y - m),  lse = m + log s,  p = exp(y - lse)
+//     class c gets the target mass  k_s w_c + k_t w_t [c == t];  W = sum w,  A = k_s W + k_t w_t
+//     loss = A log s + k_s sum_c w_c (m - y_c) + k_t w_t (m - y_t) + z_loss lse^2
+//     dloss/dx_c = ((A + 2 z_loss lse) p_c - k_s w_c - k_t w_t [c == t])
+//                  * grad_scale * logit_scale * (1 - (y_c / softcap)^2)
+// Ignored rows (t == ignore_index): loss 0, gradient 0. A target outside [0, V) is never
+// dereferenced: loss NaN, gradient 0. lse is written for every row.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_ls {
+
+// The logits' dtype; the gradient has the same one. Accumulation is in double for Float64
+// (so that gradcheck sees exact derivatives) and in float for the other three.
+enum class ScalarKind : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+
+// One call's worth of rows. Every pointer is on the kernel's device; "acc" below means
+// double for Float64 logits and float otherwise.
+struct RowsProblem {
+  ScalarKind dtype;
+  const void* logits;          // (num_rows, num_classes), unit stride along a row
+  int64_t logits_row_stride;   // in elements; any value (int64: rows x V may pass 2^31)
+  void* grad;                  // (num_rows, num_classes), logits' dtype; may be `logits` (in place)
+  int64_t grad_row_stride;
+  const int64_t* target;       // (num_rows,)
+  const void* weight;          // (num_classes,) acc, or nullptr for no class weights
+  const void* weight_sum;      // 0-d acc, sum of `weight`; read only with `weight`
+  const void* grad_scale;      // 0-d acc, multiplies the whole gradient (1/normaliser of a mean)
+  void* loss;                  // (num_rows,) acc
+  void* lse;                   // (num_rows,) acc
+  int64_t num_rows;
+  int64_t num_classes;
+  int64_t ignore_index;
+  double k_s;                  // smoothing mass per unit of class weight
+  double k_t;                  // extra mass of the true class
+  double z_loss;
+  double softcap;              // 0: no softcap
+  double logit_scale;
+};
+
+// The two conventions as masses; the same formulas as fused_ls/smoothing.py.
+//   uniform (PyTorch): k_s = eps / V,        k_t = 1 - eps
+//   others (fairseq):  k_s = eps / (V - 1),  k_t = 1 - eps - eps / (V - 1)
+inline void smoothing_masses(double eps, int64_t num_classes, bool smooth_others, double* k_s, double* k_t) {
+  if (smooth_others) {
+    *k_s = num_classes > 1 ? eps / static_cast<double>(num_classes - 1) : 0.0;
+    *k_t = 1.0 - eps - *k_s;
+  } else {
+    *k_s = eps / static_cast<double>(num_classes);
+    *k_t = 1.0 - eps;
+  }
+}
+
+}  // namespace fused_ls
