@@ -1,0 +1,154 @@
+"""python -m fused_ls bench: time and memory of smoothed_xent against eager PyTorch and others.
+
+Prints a table with ratios against eager and writes bench.json, bench.md and bench.png
+into --out. Every provider's loss and gradient are checked against eager before it is
+timed; the exit status is 1 if any check failed or any provider raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from fused_ls.bench import report
+from fused_ls.bench.cases import select_cases
+from fused_ls.bench.measure import CUDA_MEMORY_METHOD, copy_ceiling, environment
+from fused_ls.bench.suite import run_case, units_per_case
+from fused_ls.bench.workloads import LABEL_SMOOTHING, MODES, PROVIDERS, select_providers
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fused_ls bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults on CPU: " + ", ".join(__import__("fused_ls.bench.cases", fromlist=["x"]).CPU_DEFAULT)
+        + ".\nDefaults on CUDA: 16384 x {32000, 50257, 128256, 256000} and 256 x 1000000, bf16 then fp32.")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--shapes", help="comma-separated ROWSxCLASSES[:dtype], e.g. 4096x32000,1024x128256:bf16")
+    p.add_argument("--dtypes", help="comma-separated dtypes (fp32, bf16, fp16) for shapes that name none")
+    p.add_argument("--providers", help=f"comma-separated, from {','.join(PROVIDERS)} (default: all that can run)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from fwd+bwd,fwd (default: both)")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement, median reported (default: 5 cpu, 10 cuda)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default: 1 cpu, 3 cuda)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--seed", type=int, help="inputs' seed (default: fresh, recorded in the JSON)")
+    p.add_argument("--budget-s", type=float, help="start no new case after this many seconds; results so far are kept")
+    p.add_argument("--out", default=os.path.join("bench", "out"), help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+    p.add_argument("--list", action="store_true", help="list the providers and whether they can run here, then exit")
+    return p
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        providers, skipped = select_providers(device, _split(args.providers))
+        cases = select_cases(device, args.shapes, args.dtypes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        for name, provider in PROVIDERS.items():
+            why = provider.unavailable_reason(device)
+            print(f"{name:16} {'runs' if why is None else 'not here'}: {provider.description}"
+                  + ("" if why is None else f" [{why}]"))
+        return 0
+    modes = _split(args.modes)
+    if not modes or any(m not in MODES for m in modes):
+        print(f"error: --modes must be a subset of {','.join(MODES)}", file=sys.stderr)
+        return 2
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    repeats = args.repeats if args.repeats is not None else (10 if device.type == "cuda" else 5)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    memory = not args.no_memory
+    os.makedirs(args.out, exist_ok=True)
+    paths = {ext: os.path.join(args.out, f"bench.{ext}") for ext in ("json", "md", "png")}
+
+    from fused_ls.bench import rss
+
+    doc = {
+        "schema": report.SCHEMA,
+        "command": "python -m fused_ls bench" + ("" if not argv else " " + shlex.join(argv)),
+        "env": environment(device),
+        "settings": {"device": device.type, "providers": providers, "modes": modes, "cases": [c.name for c in cases],
+                     "repeats": repeats, "warmup": warmup, "seed": seed, "label_smoothing": LABEL_SMOOTHING,
+                     "reduction": "mean", "memory": memory},
+        "memory_method": (CUDA_MEMORY_METHOD if device.type == "cuda" else rss.METHOD) if memory else None,
+        "skipped_providers": skipped,
+        "skipped_cases": [],
+        "copy_ceiling": None,
+        "copy": [],
+        "results": [],
+        "complete": False,
+    }
+    for name, why in skipped.items():
+        print(f"not run: {name}: {why}", file=sys.stderr)
+    if not providers:
+        print("error: no provider can run here", file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    bar = _progress_bar(sum(units_per_case(len(providers), len(modes), device, memory) for _ in cases))
+
+    def progress(label: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+
+    status = 0
+    try:
+        doc["copy_ceiling"] = copy_ceiling(device, (2 << 30) if device.type == "cuda" else (256 << 20))
+        for k, case in enumerate(cases):
+            if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+                doc["skipped_cases"] = [c.name for c in cases[k:]]
+                print(f"\ntime budget of {args.budget_s:.0f} s spent: skipping {doc['skipped_cases']}", file=sys.stderr)
+                break
+            if bar is not None:
+                bar.set_description(case.name)
+            copy_result, results = run_case(case, providers, modes, device, seed=seed + k, warmup=warmup,
+                                            repeats=repeats, memory=memory, progress=progress)
+            doc["copy"].append(copy_result)
+            doc["results"] += results
+            report.write_json(paths["json"], doc)  # after every case: an interrupted run keeps what it measured
+        doc["complete"] = not doc["skipped_cases"]
+    except KeyboardInterrupt:
+        print("\ninterrupted: writing what was measured", file=sys.stderr)
+        status = 130
+    finally:
+        if bar is not None:
+            bar.close()
+    doc["elapsed_s"] = round(time.monotonic() - started, 1)
+    report.write_json(paths["json"], doc)
+    report.write_atomic(paths["md"], report.markdown(doc))
+    wrote = [paths["json"], paths["md"]]
+    if not args.no_plot and report.plot(doc, paths["png"]):
+        wrote.append(paths["png"])
+    print()
+    print(report.header(doc))
+    print()
+    print(report.text_table(doc))
+    failed = [f"{r['case']} {r['provider']} {r['mode']}: {r['error']}" for r in doc["results"] if r["error"]]
+    if failed:
+        print("\nproblems:\n  " + "\n  ".join(failed))
+    print("\nwrote " + ", ".join(wrote))
+    return status or (1 if failed else 0)
