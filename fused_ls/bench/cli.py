@@ -47,11 +47,33 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
 
+class _LogProgress:
+    """One line per finished step, for logs (no terminal, or no tqdm): a hang shows where."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.monotonic()
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.label = text
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        print(f"[{self.done}/{self.total} {time.monotonic() - self.started:6.1f}s] {self.label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress_bar(total: int):
     try:
         from tqdm import tqdm
     except ImportError:
-        return None
+        return _LogProgress(total)
+    if not sys.stderr.isatty():
+        return _LogProgress(total)
     return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
@@ -111,20 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     bar = _progress_bar(sum(units_per_case(len(providers), len(modes), device, memory) for _ in cases))
 
     def progress(label: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(label, refresh=False)
-            bar.update(1)
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
 
     status = 0
     try:
-        doc["copy_ceiling"] = copy_ceiling(device, (2 << 30) if device.type == "cuda" else (256 << 20))
+        # over the largest case's logits, within 16 MiB (beyond the caches) .. 2 GiB (CUDA) / 256 MiB (CPU)
+        largest = max(c.logits_bytes for c in cases)
+        doc["copy_ceiling"] = copy_ceiling(device, min(max(largest, 16 << 20), (2 << 30) if device.type == "cuda" else (256 << 20)))
         for k, case in enumerate(cases):
             if args.budget_s is not None and time.monotonic() - started > args.budget_s:
                 doc["skipped_cases"] = [c.name for c in cases[k:]]
                 print(f"\ntime budget of {args.budget_s:.0f} s spent: skipping {doc['skipped_cases']}", file=sys.stderr)
                 break
-            if bar is not None:
-                bar.set_description(case.name)
+            bar.set_description(case.name)
             copy_result, results = run_case(case, providers, modes, device, seed=seed + k, warmup=warmup,
                                             repeats=repeats, memory=memory, progress=progress)
             doc["copy"].append(copy_result)
@@ -135,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: writing what was measured", file=sys.stderr)
         status = 130
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     doc["elapsed_s"] = round(time.monotonic() - started, 1)
     report.write_json(paths["json"], doc)
     report.write_atomic(paths["md"], report.markdown(doc))

@@ -16,6 +16,10 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _gbps(value) -> str:
+    return _num(value, ".1f" if value is not None and value < 100 else ".0f")
+
+
 def _check_cell(r: dict) -> str:
     check = r.get("check")
     if r["provider"] == "eager":
@@ -33,7 +37,7 @@ def table_rows(doc: dict) -> list[list[str]]:
         for mode in dict.fromkeys(r["mode"] for r in doc["results"] if r["case"] == case):
             if mode == "fwd+bwd" and case in copies:
                 c = copies[case]
-                rows.append([case, "", "copy y.copy_(x)", _num(c["median_ms"], ".2f"), _num(c["gbps"], ".0f"),
+                rows.append([case, "", "copy y.copy_(x)", _num(c["median_ms"], ".2f"), _gbps(c["gbps"]),
                              "100", "", "", "", "", ""])
             for r in doc["results"]:
                 if r["case"] != case or r["mode"] != mode:
@@ -44,7 +48,7 @@ def table_rows(doc: dict) -> list[list[str]]:
                     continue
                 mem = r["peak_extra_bytes"]
                 rows.append([
-                    case, mode, r["provider"], _num(r["median_ms"], ".2f"), _num(r["gbps"], ".0f"),
+                    case, mode, r["provider"], _num(r["median_ms"], ".2f"), _gbps(r["gbps"]),
                     _num(r["pct_of_copy"], ".0f"), _num(r["speedup_vs_eager"], ".2f") + "x",
                     _num(None if mem is None else mem / 2**20, ".0f"), _num(r["peak_extra_vs_logits"], ".2f"),
                     _num(r["memory_vs_eager"], ".2f"), _check_cell(r),
@@ -81,7 +85,7 @@ def header(doc: dict) -> str:
              f"mean reduction; GB/s = (read logits once + write gradient once) / time, fwd only: read once"]
     if doc.get("copy_ceiling"):
         c = doc["copy_ceiling"]
-        lines.append(f"copy ceiling: {c['gbps']:.0f} GB/s ({c['what']}, {c['bytes_per_copy'] / 2**30:.1f} GiB moved)")
+        lines.append(f"copy ceiling: {c['gbps']:.1f} GB/s ({c['what']}, {c['bytes_per_copy'] / 2**20:.0f} MiB moved)")
     by_reason: dict[str, list[str]] = {}
     for name, why in doc.get("skipped_providers", {}).items():
         by_reason.setdefault(why, []).append(name)
@@ -107,6 +111,9 @@ def write_atomic(path: str, text: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
         f.write(text.encode() if isinstance(text, str) else text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a report file should have
     os.replace(tmp, path)
 
 
@@ -116,7 +123,8 @@ def write_json(path: str, doc: dict) -> None:
 
 def plot(doc: dict, path: str) -> bool:
     """Time per logit and peak extra memory (in logits' sizes) against V, one line per
-    provider, one row of panels per (dtype, mode). False when matplotlib is missing."""
+    provider, one row of panels per dtype, for fwd+bwd (the headline; fwd when that is all
+    there is). False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -125,7 +133,9 @@ def plot(doc: dict, path: str) -> bool:
     except ImportError:
         return False
     results = [r for r in doc["results"] if r["median_ms"] is not None]
-    panels = list(dict.fromkeys((r["dtype"], r["mode"]) for r in results))
+    modes = {r["mode"] for r in results}
+    mode = "fwd+bwd" if "fwd+bwd" in modes else "fwd"
+    panels = list(dict.fromkeys((r["dtype"], mode) for r in results if r["mode"] == mode))
     if not panels:
         return False
     providers = list(dict.fromkeys(r["provider"] for r in results))

@@ -1,0 +1,83 @@
+"""`python -m fused_ls bench` end to end on a tiny case: outputs, schema, the correctness gate.
+
+No timing is asserted: these prove the report is produced and that a provider whose
+numbers differ from eager is caught and not timed.
+"""
+
+import json
+
+import pytest
+import torch
+
+from fused_ls import available_backends, smoothed_xent
+from fused_ls.bench import cli, workloads
+from fused_ls.bench.workloads import Provider
+
+RESULT_KEYS = {"case", "rows", "classes", "dtype", "provider", "mode", "bytes", "median_ms", "times_ms", "gbps",
+               "copy_gbps", "pct_of_copy", "peak_extra_bytes", "peak_extra_vs_logits", "memory_method",
+               "speedup_vs_eager", "memory_vs_eager", "check", "error"}
+
+
+def _register(monkeypatch, name, make_loss, overwrites_input=False):
+    providers = dict(workloads.PROVIDERS)
+    providers[name] = Provider(name, "test provider", overwrites_input, lambda device: None, make_loss)
+    monkeypatch.setattr(workloads, "PROVIDERS", providers)
+
+
+def _run(tmp_path, shapes, providers, *extra):
+    argv = ["--device", "cpu", "--shapes", shapes, "--providers", ",".join(providers),
+            "--repeats", "2", "--warmup", "1", "--seed", "1", "--out", str(tmp_path), *extra]
+    status = cli.main(argv)
+    return status, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_report_is_written_with_checked_results(tmp_path):
+    fused = [b for b in ("native",) if b in available_backends("cpu")]
+    providers = ["eager"] + fused + [f"{b}-inplace" for b in fused]
+    status, doc = _run(tmp_path, "8x1000:fp32", providers)
+
+    assert status == 0
+    assert doc["schema"] == "fused_ls.bench/1" and doc["complete"]
+    for key in ("date", "device", "device_name", "torch", "triton", "fused_ls"):
+        assert key in doc["env"]
+    assert doc["settings"]["providers"] == providers
+    assert [c["case"] for c in doc["copy"]] == ["8x1000:fp32"]
+    assert len(doc["results"]) == len(providers) * 2  # providers x modes
+    for r in doc["results"]:
+        assert RESULT_KEYS <= r.keys()
+        assert r["error"] is None, r
+        assert r["check"]["ok"], r
+        assert r["check"]["grad_rel_err"] <= r["check"]["tolerance"]
+        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0
+        assert r["bytes"] == 8 * 1000 * 4 * (2 if r["mode"] == "fwd+bwd" else 1)
+        assert r["speedup_vs_eager"] > 0
+        assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0, r.get("memory_error")
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "| 8x1000:fp32 | fwd+bwd | eager |" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_provider_that_agrees_with_eager_passes_in_every_dtype(tmp_path, monkeypatch):
+    _register(monkeypatch, "fused-reference", lambda eps: lambda x, t: smoothed_xent(x, t, eps, backend="torch"))
+    status, doc = _run(tmp_path, "8x1000,4x3000", ["eager", "fused-reference"], "--dtypes", "fp32,bf16",
+                       "--no-memory", "--no-plot")
+
+    assert status == 0
+    assert [c["case"] for c in doc["copy"]] == ["8x1000:fp32", "4x3000:fp32", "8x1000:bf16", "4x3000:bf16"]
+    checked = [r for r in doc["results"] if r["provider"] == "fused-reference"]
+    assert len(checked) == 8 and all(r["check"]["ok"] and r["median_ms"] > 0 for r in checked)
+
+
+def test_provider_that_disagrees_with_eager_fails_its_check_and_is_not_timed(tmp_path, monkeypatch):
+    _register(monkeypatch, "wrong-smoothing",
+              lambda eps: lambda x, t: torch.nn.functional.cross_entropy(x, t, label_smoothing=eps + 0.05))
+    status, doc = _run(tmp_path, "8x1000:fp32", ["eager", "wrong-smoothing"], "--no-memory", "--no-plot")
+
+    assert status == 1
+    wrong = [r for r in doc["results"] if r["provider"] == "wrong-smoothing"]
+    assert wrong and all(not r["check"]["ok"] and r["median_ms"] is None and r["error"] for r in wrong)
+    assert all(r["check"]["ok"] for r in doc["results"] if r["provider"] == "eager")
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "4096"], ["--providers", "nonesuch"], ["--modes", "backward"]])
+def test_bad_options_are_refused(tmp_path, argv):
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
