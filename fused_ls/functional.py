@@ -34,6 +34,8 @@ def smoothed_xent(
     return_lse: bool = False,
     inplace_backward: bool = False,
     process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
     backend: str = "auto",
 ):
     r"""Label-smoothed cross-entropy, forward and backward fused into one pass over the logits.
@@ -71,6 +73,8 @@ def smoothed_xent(
             rank passes its slice (..., V_local) of the logits and the global targets, and gets
             the loss and gradient slice that one device holding the whole vocabulary would
             give (see fused_ls.parallel).
+        vocab_start, vocab_size: with ``process_group``, this rank's first class and the
+            global number of classes; if omitted, gathered once per group and local size.
         backend: "auto", "triton", "native" or "torch" (see fused_ls.backends).
 
     Returns:
@@ -89,8 +93,10 @@ def smoothed_xent(
             logits, target, label_smoothing, process_group=process_group, weight=weight,
             ignore_index=ignore_index, reduction=reduction, convention=convention, z_loss=z_loss,
             softcap=softcap, logit_scale=logit_scale, normalizer=normalizer, return_lse=return_lse,
-            backend=backend,
+            inplace_backward=inplace_backward, vocab_start=vocab_start, vocab_size=vocab_size, backend=backend,
         )
+    if vocab_start is not None or vocab_size is not None:
+        raise ValueError("vocab_start and vocab_size describe a slice of the classes: they need process_group")
     _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale)
     _check_targets(target, logits.shape[-1], ignore_index)
     name = backends.resolve(backend, logits.device)
@@ -171,15 +177,20 @@ class _FusedSmoothedXent(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
-        n = grad.shape[0]
-        row_scale = grad_loss.reshape(-1).expand(n).to(torch.float32)  # stride 0 unless "none"
-        if _backward_may_run_again():
-            grad = (grad * row_scale.unsqueeze(1)).to(grad.dtype)
-        else:
-            # The saved gradient is ours alone and this backward is its last use: scale it in
-            # place, which on CUDA costs nothing when the upstream gradient is exactly 1.
-            torch.ops.fused_ls.scale_rows_(grad, row_scale)
-        return (grad,) + (None,) * 12
+        return (_scale_saved_gradient(grad, grad_loss),) + (None,) * 12
+
+
+def _scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """The backward of a loss whose forward saved its gradient: scale row i by grad_loss[i]."""
+    n = grad.shape[0]
+    scale_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32  # no fp64 -> fp32 rounding
+    row_scale = grad_loss.reshape(-1).expand(n).to(scale_dtype)  # stride 0 unless "none"
+    if _backward_may_run_again():
+        return (grad * row_scale.unsqueeze(1)).to(grad.dtype)
+    # The saved gradient is ours alone and this backward is its last use: scale it in
+    # place, which on CUDA costs nothing when the upstream gradient is exactly 1.
+    torch.ops.fused_ls.scale_rows_(grad, row_scale)
+    return grad
 
 
 def _backward_may_run_again() -> bool:
@@ -218,14 +229,20 @@ def _normalizer_tensor(normalizer, dtype, device) -> torch.Tensor:
     return torch.full((), float(normalizer), dtype=dtype, device=device)
 
 
-def _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale):
+def _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale,
+                     num_classes=None):
+    """`num_classes`: the global V when `logits` hold a slice of the classes (fused_ls.parallel)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("logits and target must be tensors")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if target.dtype not in _TARGET_DTYPES:
         raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
+    if logits.dim() < 1:
+        raise ValueError(f"logits must have a class dimension of size >= 1, got shape {tuple(logits.shape)}")
+    if num_classes is None:
+        num_classes = logits.shape[-1]
+    if num_classes < 1:
         raise ValueError(f"logits must have a class dimension of size >= 1, got shape {tuple(logits.shape)}")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -247,7 +264,7 @@ def _check_arguments(logits, target, label_smoothing, weight, reduction, convent
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    if convention == "others" and logits.shape[-1] < 2:
+    if convention == "others" and num_classes < 2:
         raise ValueError("convention='others' needs at least 2 classes")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
