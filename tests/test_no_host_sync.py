@@ -18,12 +18,17 @@ independent proofs that the path has none:
 3. On a GPU (`@pytest.mark.gpu`, skipped without CUDA): `torch.cuda.set_sync_debug_mode("error")`
    around forward and backward, and CUDA graph capture and replay of both.
 
-The one deliberate exception: `functional._check_targets` raises a clear IndexError for an
-out-of-range target on CPU tensors, eager only. Reading its verdict stalls nothing there (the
-data already is in host memory), and it is skipped for every other device and under
-torch.compile. The eager guard test therefore allows host reads inside that one function and
-nowhere else; `test_target_check_reads_the_host_only_for_cpu_tensors` proves both halves of
-that claim, and proofs 2 and 3 run with no exception at all.
+Deliberate exceptions: code that only ever runs on CPU tensors, where reading a value stalls
+nothing (the data already is in host memory), may read it:
+* `functional._check_targets` raises a clear IndexError for an out-of-range target on CPU
+  tensors, eager only; it is skipped for every other device and under torch.compile.
+  `test_target_check_reads_the_host_only_for_cpu_tensors` proves both halves of that claim.
+* a kernel registered for the CPU dispatch key of one of our ops (the native C++ kernels; the
+  CPU kernel of `fused_ls::scale_rows_`, which skips its pass when every scale is 1) runs only
+  for CPU tensors; its CUDA counterpart is a different kernel, checked by proof 3.
+  `test_host_reads_are_allowed_only_in_cpu_kernels` proves the guard exempts exactly those.
+Everything device-generic (the Python wrapper, the autograd.Function, the Triton launcher and
+op) is checked with no exception, and proofs 2 and 3 allow nothing at all.
 """
 
 from __future__ import annotations
@@ -110,14 +115,18 @@ class _HostSyncGuard(TorchDispatchMode):
         why = _why_it_syncs(func, args, kwargs)
         if why is not None:
             self.report(why)
-        if func.namespace == "fused_ls":
+        if func.namespace.startswith("fused_ls"):
             # A dispatch mode sees a custom op as one opaque call; re-enter the mode and
             # dispatch below it, so that the ops the implementation runs are checked too.
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             keys = torch._C.DispatchKeySet(torch._C.DispatchKey.Undefined)
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    keys = keys | torch._C._dispatch_keys(t)
-            with self:
+            for t in tensors:
+                keys = keys | torch._C._dispatch_keys(t)
+            # A kernel registered for the CPU key alone never sees device memory: its host
+            # reads are free (see the module docstring); its CUDA twin is checked on a GPU.
+            cpu_kernel = all(t.device.type == "cpu" for t in tensors) and \
+                torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CPU")
+            with self, self.allowed() if cpu_kernel else contextlib.nullcontext():
                 return func.redispatch(keys & _BELOW_PYTHON_KEY, *args, **kwargs)
         return func(*args, **kwargs)
 
@@ -335,6 +344,30 @@ def test_guard_catches_a_sync_planted_in_the_path(where, device, cpu_target_chec
     with pytest.raises(HostSyncError):
         with cpu_target_check_allowed():
             _loss_and_grad(logits, target, backend=backend)
+
+
+@torch.library.custom_op("fused_ls_test::peek_generic", mutates_args=())
+def _peek_generic(x: torch.Tensor) -> torch.Tensor:
+    return x.clone() if bool(x.any()) else x.clone()
+
+
+@torch.library.custom_op("fused_ls_test::peek_cpu_kernel", mutates_args=())
+def _peek_cpu_kernel(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_peek_cpu_kernel.register_kernel("cpu")
+def _(x):
+    return x.clone() if bool(x.any()) else x.clone()
+
+
+def test_host_reads_are_allowed_only_in_cpu_kernels():
+    x = torch.ones(3)
+    with forbid_host_sync():  # a kernel for the CPU key alone, given CPU tensors
+        _peek_cpu_kernel(x)
+    with pytest.raises(HostSyncError):  # the same read in a device-generic implementation
+        with forbid_host_sync():
+            _peek_generic(x)
 
 
 def test_target_check_reads_the_host_only_for_cpu_tensors():
