@@ -27,12 +27,13 @@ import copy
 import glob
 import os
 import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from conftest import FUSED_BACKENDS
+from torch import nn
 
 from fused_ls import smoothed_xent
 
@@ -51,7 +52,7 @@ MIN_DROP = 1.5  # nats, step 0 -> mean of the last 5 steps
 
 def _standard_library_bytes(limit: int = 1 << 20) -> torch.Tensor:
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    text = b"".join(open(f, "rb").read() for f in files)[:limit]
+    text = b"".join(Path(f).read_bytes() for f in files)[:limit]
     if len(text) < 100_000:
         pytest.skip("this Python ships without the standard library's source files")
     return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()

@@ -18,7 +18,7 @@ import torch
 from fused_ls.integrations.huggingface import SmoothedXentLabelSmoother, use_smoothed_xent
 
 transformers = pytest.importorskip("transformers")
-from transformers.trainer_pt_utils import LabelSmoother  # noqa: E402
+from transformers.trainer_pt_utils import LabelSmoother
 
 EPS = 0.1
 VOCAB, LABELS = 96, 7
@@ -201,14 +201,13 @@ def _classification_rows(n=8, T=9):
 
 
 def _training_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-        learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", label_smoothing_factor=EPS,
-        use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_steps=1,
-        remove_unused_columns=False, seed=1234,
-    )
-    kwargs.update(overrides)
-    return transformers.TrainingArguments(**kwargs)
+    kwargs = {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "max_steps": 2, "learning_rate": 0.5, "optim": "sgd", "lr_scheduler_type": "constant",
+        "label_smoothing_factor": EPS, "use_cpu": not torch.cuda.is_available(), "report_to": "none",
+        "save_strategy": "no", "logging_steps": 1, "remove_unused_columns": False, "seed": 1234,
+    }
+    return transformers.TrainingArguments(**{**kwargs, **overrides})
 
 
 TRAINER_CASES = {"llama causal LM": (_llama, _causal_rows, True), "bert classifier": (_bert_classifier, _classification_rows, False)}
@@ -254,6 +253,6 @@ def test_trainer_with_smoothed_xent_ends_at_label_smoothers_weights(case, tmp_pa
         assert len(normalizers) == 4, f"{name}: smoothed_xent ran {len(normalizers)} times, not 4"
         assert all(n is not None for n in normalizers), f"{name}: no global token count reached the loss"
         for n, w in weights.items():
-            torch.testing.assert_close(w, reference[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}, {n}: {m}")
+            torch.testing.assert_close(w, reference[n], rtol=1e-5, atol=1e-7, msg=f"{name}: {n} differs")
         ref_losses = [entry["loss"] for entry in ref_log if "loss" in entry]
         assert [entry["loss"] for entry in log if "loss" in entry] == pytest.approx(ref_losses, rel=1e-5), name

@@ -20,7 +20,7 @@ def _snippets(section: str) -> list[str]:
     text = README.read_text(encoding="utf-8")
     begin, end = f"<!-- section: {section} -->", f"<!-- /section: {section} -->"
     body = text[text.index(begin) + len(begin) : text.index(end)]
-    return re.findall(r"^```python\n(.*?)^```", body, flags=re.S | re.M)
+    return re.findall(r"^```python\n(.*?)^```", body, flags=re.DOTALL | re.MULTILINE)
 
 
 SNIPPETS = [(section, i, code) for section in SECTIONS for i, code in enumerate(_snippets(section))]
@@ -28,10 +28,10 @@ SNIPPETS = [(section, i, code) for section in SECTIONS for i, code in enumerate(
 
 @pytest.mark.parametrize("section, index, code", SNIPPETS, ids=[f"{s}-{i}" for s, i, _ in SNIPPETS])
 def test_readme_snippet_runs(section, index, code, tmp_path, monkeypatch):
-    if re.search(r"^\s*(from|import) transformers\b", code, flags=re.M):
+    if re.search(r"^\s*(from|import) transformers\b", code, flags=re.MULTILINE):
         pytest.importorskip("transformers")
     monkeypatch.chdir(tmp_path)  # a snippet may write files (a Trainer's output_dir)
-    exec(compile(code, f"README.md, section {section}, snippet {index}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, f"README.md, section {section}, snippet {index}", "exec"), {"__name__": "__readme__"})  # noqa: S102
 
 
 @pytest.mark.parametrize("section", SECTIONS)
