@@ -162,14 +162,14 @@ def plot(doc: dict, path: str) -> bool:
         shapes = ", ".join(sorted({r["case"].split(":")[0] for r in results if (r["dtype"], r["mode"]) == (dtype, mode)},
                                   key=lambda s: int(s.split("x")[1])))
         ax_time.set_title(f"{dtype} {mode}: time ({shapes})", fontsize=9)
-        ax_time.set_ylabel("ns per logit (median)")
+        ax_time.set_ylabel("ns per logit (median, log scale)")
         ax_mem.set_title(f"{dtype} {mode}: peak extra memory", fontsize=9)
         ax_mem.set_ylabel("x logits size")
         for ax in (ax_time, ax_mem):
             ax.set_xscale("log")
             ax.set_xlabel("vocabulary size V")
             ax.grid(True, which="both", alpha=0.3)
-        ax_time.set_ylim(bottom=0)
+        ax_time.set_yscale("log")  # ratios between providers read as distances
         ax_mem.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
     env = doc["env"]
