@@ -68,7 +68,8 @@ def smoothed_xent(
         inplace_backward: write the gradient into ``logits`` instead of a new buffer: no memory
             beyond the logits. ``logits`` is overwritten by the forward; an op that saved it for
             its own backward then raises autograd's usual in-place error. Use it when the logits
-            are consumed only by this loss (the LM-head output). Not for a leaf tensor.
+            are consumed only by this loss (the LM-head output). Not for a leaf tensor. Ignored
+            when no gradient is needed (``torch.no_grad()``, logits that do not require grad).
         process_group: a torch.distributed group over which the vocabulary is split: each
             rank passes its slice (..., V_local) of the logits and the global targets, and gets
             the loss and gradient slice that one device holding the whole vocabulary would
@@ -108,7 +109,9 @@ def smoothed_xent(
             convention=convention, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
             normalizer=normalizer, return_lse=return_lse,
         )
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
+    if inplace_backward and not (torch.is_grad_enabled() and logits.requires_grad):
+        inplace_backward = False  # no gradient will be read (eval, no_grad): keep the logits intact
+    if inplace_backward and logits.is_leaf:
         raise ValueError(
             "inplace_backward would overwrite a leaf tensor that requires grad; "
             "use it on logits produced by an op (for example the LM head)"

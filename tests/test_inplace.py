@@ -48,3 +48,15 @@ def test_inplace_refuses_a_leaf_that_requires_grad(fused_backend, device):
 def test_inplace_needs_a_fused_backend(device):
     with pytest.raises(ValueError, match="inplace_backward needs a fused backend"):
         smoothed_xent(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), inplace_backward=True, backend="torch")
+
+
+def test_inplace_leaves_the_logits_intact_when_no_gradient_is_needed(fused_backend, device):
+    logits = torch.randn(4, 12, device=device)
+    target = torch.randint(0, 12, (4,), device=device)
+    before = logits.clone()
+    with torch.no_grad():
+        loss = smoothed_xent(logits.requires_grad_(), target, inplace_backward=True, backend=fused_backend)
+    logits.requires_grad_(False)
+    loss_without_grad = smoothed_xent(logits, target, inplace_backward=True, backend=fused_backend)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(loss, loss_without_grad)
