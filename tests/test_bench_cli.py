@@ -19,9 +19,8 @@ RESULT_KEYS = {"case", "rows", "classes", "dtype", "provider", "mode", "bytes", 
 
 
 def _register(monkeypatch, name, make_loss, overwrites_input=False):
-    providers = dict(workloads.PROVIDERS)
-    providers[name] = Provider(name, "test provider", overwrites_input, lambda device: None, make_loss)
-    monkeypatch.setattr(workloads, "PROVIDERS", providers)
+    provider = Provider(name, "test provider", overwrites_input, lambda device: None, make_loss)
+    monkeypatch.setitem(workloads.PROVIDERS, name, provider)
 
 
 def _run(tmp_path, shapes, providers, *extra):
@@ -56,15 +55,29 @@ def test_report_is_written_with_checked_results(tmp_path):
     assert "| 8x1000:fp32 | fwd+bwd | eager |" in (tmp_path / "bench.md").read_text()
 
 
-def test_a_provider_that_agrees_with_eager_passes_in_every_dtype(tmp_path, monkeypatch):
+def _clobbering_loss(eps):
+    """Eager's loss, after which the provider scribbles over its input, as in-place kernels do."""
+
+    def loss(x, t):
+        value = torch.nn.functional.cross_entropy(x, t, label_smoothing=eps)
+        x.detach().fill_(float("nan"))
+        return value
+
+    return loss
+
+
+def test_providers_that_agree_with_eager_pass_and_one_that_overwrites_its_input_disturbs_none(tmp_path, monkeypatch):
+    _register(monkeypatch, "clobbering", _clobbering_loss, overwrites_input=True)
+    _register(monkeypatch, "clobbering-too", _clobbering_loss, overwrites_input=True)  # shares the scratch copy
     _register(monkeypatch, "fused-reference", lambda eps: lambda x, t: smoothed_xent(x, t, eps, backend="torch"))
-    status, doc = _run(tmp_path, "8x1000,4x3000", ["eager", "fused-reference"], "--dtypes", "fp32,bf16",
+    status, doc = _run(tmp_path, "8x1000,4x3000", ["eager", "clobbering", "clobbering-too", "fused-reference"], "--dtypes", "fp32,bf16",
                        "--no-memory", "--no-plot")
 
     assert status == 0
     assert [c["case"] for c in doc["copy"]] == ["8x1000:fp32", "4x3000:fp32", "8x1000:bf16", "4x3000:bf16"]
-    checked = [r for r in doc["results"] if r["provider"] == "fused-reference"]
-    assert len(checked) == 8 and all(r["check"]["ok"] and r["median_ms"] > 0 for r in checked)
+    for name in ("clobbering", "clobbering-too", "fused-reference"):
+        checked = [r for r in doc["results"] if r["provider"] == name]
+        assert len(checked) == 8 and all(r["check"]["ok"] and r["median_ms"] > 0 for r in checked)
 
 
 def test_provider_that_disagrees_with_eager_fails_its_check_and_is_not_timed(tmp_path, monkeypatch):

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(case.name)
             copy_result, results = run_case(case, providers, modes, device, seed=seed + k, warmup=warmup,
                                             repeats=repeats, memory=memory, progress=progress)
-            doc["copy"].append(copy_result)
+            if copy_result is not None:
+                doc["copy"].append(copy_result)
             doc["results"] += results
             report.write_json(paths["json"], doc)  # after every case: an interrupted run keeps what it measured
         doc["complete"] = not doc["skipped_cases"]

@@ -68,30 +68,57 @@ def _sync(device: torch.device) -> None:
 
 def time_workload(workload: Workload, device: torch.device, warmup: int, repeats: int) -> list[float]:
     """Milliseconds of each of `repeats` timed steps, after `warmup` untimed ones."""
-    workload = as_workload(workload)
-    for _ in range(warmup):
-        workload.prepare()
-        workload.step()
+    times, failed = time_interleaved({"workload": workload}, device, warmup, repeats)
+    if failed:
+        raise failed["workload"]
+    return times["workload"]
+
+
+def time_interleaved(workloads: dict[str, Workload], device: torch.device, warmup: int,
+                     repeats: int) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+    """({name: milliseconds of each timed step}, {name: the exception it raised}).
+
+    The workloads take turns: each round runs every workload once, in an order rotated from
+    round to round, so that a change in the machine's load (other jobs on a shared CPU,
+    clocks) falls on all of them alike and their ratios stay fair. A workload that raises
+    is dropped from the rounds; the others go on."""
+    workloads = {name: as_workload(w) for name, w in workloads.items()}
+    names = list(workloads)
+    if not names:
+        return {}, {}
+    failed: dict[str, Exception] = {}
+    pending: list[tuple[str, object, object]] = []  # (name, start, end): events on CUDA, seconds on CPU
+    cuda = device.type == "cuda"
+    for rnd in range(-warmup, repeats):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name in failed:
+                continue
+            workload = workloads[name]
+            try:
+                workload.prepare()
+                if rnd < 0:
+                    workload.step()
+                elif cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    workload.step()
+                    end.record()
+                    pending.append((name, start, end))
+                else:
+                    begin = time.perf_counter()
+                    workload.step()
+                    pending.append((name, begin, time.perf_counter()))
+            except Exception as exc:  # noqa: PERF203  (one failing workload must not stop the others)
+                failed[name] = exc
+        if rnd == -1:
+            _sync(device)
     _sync(device)
-    times = []
-    if device.type == "cuda":
-        events = []
-        for _ in range(repeats):
-            workload.prepare()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            workload.step()
-            end.record()
-            events.append((start, end))
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(repeats):
-            workload.prepare()
-            begin = time.perf_counter()
-            workload.step()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return times
+    times: dict[str, list[float]] = {name: [] for name in names if name not in failed}
+    for name, start, end in pending:
+        if name in times:
+            times[name].append(start.elapsed_time(end) if cuda else (end - start) * 1e3)
+    return times, failed
 
 
 def median(values: list[float]) -> float:

@@ -30,11 +30,11 @@ def _check_cell(r: dict) -> str:
     return f"{'ok' if check['ok'] else 'FAIL'} {err:.0e}"
 
 
-def table_rows(doc: dict) -> list[list[str]]:
+def table_rows(doc: dict, modes: tuple[str, ...] = ("fwd+bwd", "fwd")) -> list[list[str]]:
     copies = {c["case"]: c for c in doc["copy"]}
     rows = []
     for case in dict.fromkeys(r["case"] for r in doc["results"]):
-        for mode in dict.fromkeys(r["mode"] for r in doc["results"] if r["case"] == case):
+        for mode in dict.fromkeys(r["mode"] for r in doc["results"] if r["case"] == case and r["mode"] in modes):
             if mode == "fwd+bwd" and case in copies:
                 c = copies[case]
                 rows.append([case, "", "copy y.copy_(x)", _num(c["median_ms"], ".2f"), _gbps(c["gbps"]),
@@ -67,9 +67,9 @@ def text_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(doc: dict) -> str:
+def markdown_table(doc: dict, modes: tuple[str, ...] = ("fwd+bwd", "fwd")) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(doc)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(doc, modes)]
     return "\n".join(lines)
 
 

@@ -1,10 +1,11 @@
 """One case, every provider, every mode: check, time, memory, ratios. Used by the CLI.
 
-Order within a case: the copy baseline; the eager reference (loss and gradient, kept for
-the checks); then per provider a check against it and, only if that passes, the timing
-(and on CUDA the memory) of each mode; on the CPU the memory of every (provider, mode) in
-one subprocess at the end. A provider that fails its check or raises is reported with its
-error and not timed; the other providers go on.
+Order within a case: the eager reference (loss and gradient); each provider checked
+against it (one that fails or raises is reported with its error and not timed); then per
+mode all checked providers, and for fwd+bwd the copy baseline, timed taking turns (see
+measure.time_interleaved: on a shared machine their ratios stay fair); on CUDA the memory
+of each (provider, mode) after its timing, on the CPU in one subprocess at the end.
+Providers that overwrite their input share one scratch copy of the logits.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import torch
 
 from fused_ls.bench.cases import Case, make_inputs, release_inputs
 from fused_ls.bench.measure import (CUDA_MEMORY_METHOD, CopyWorkload, bytes_moved, cuda_peak_extra, gbps, median,
-                                    peak_extra_memory, time_workload)
-from fused_ls.bench.workloads import LABEL_SMOOTHING, LossWorkload, check_against
+                                    peak_extra_memory, time_interleaved)
+from fused_ls.bench.workloads import LABEL_SMOOTHING, PROVIDERS, LossWorkload, check_against
 
 LOSS_BUILDER = "fused_ls.bench.workloads:loss_workload"
+_COPY = "copy"
 
 
 def units_per_case(n_providers: int, n_modes: int, device: torch.device, memory: bool) -> int:
-    """Progress units run_case reports: the copy, each (provider, mode), the CPU memory subprocess."""
-    return 1 + n_providers * n_modes + (1 if memory and device.type != "cuda" else 0)
+    """Progress units run_case reports: each provider's check, each mode's timing, and the
+    CPU memory subprocess."""
+    return n_providers + n_modes + (1 if memory and device.type != "cuda" else 0)
 
 
 def _release(device: torch.device) -> None:
@@ -39,50 +42,68 @@ def _error(exc: BaseException) -> str:
 
 def run_case(case: Case, providers: list[str], modes: list[str], device: torch.device, *, seed: int,
              warmup: int, repeats: int, memory: bool = True,
-             progress: Callable[[str], None] = lambda label: None) -> tuple[dict, list[dict]]:
+             progress: Callable[[str], None] = lambda label: None) -> tuple[dict | None, list[dict]]:
     """(the copy baseline, one result per (provider, mode)) for `case` on `device`."""
     logits, target = make_inputs(case, str(device), seed)
 
-    copy = CopyWorkload(logits)
-    copy_ms = median(time_workload(copy, device, warmup, repeats))
-    del copy
-    copy_result = {"case": case.name, "rows": case.rows, "classes": case.classes, "dtype": case.dtype,
-                   "bytes": bytes_moved(case, "fwd+bwd"), "median_ms": copy_ms,
-                   "gbps": gbps(bytes_moved(case, "fwd+bwd"), copy_ms)}
-    progress(f"{case.name} copy")
-
-    results: list[dict] = []
     reference = LossWorkload("eager", logits, target, LABEL_SMOOTHING).loss_and_grad()
+    scratch = logits.clone() if any(PROVIDERS[name].overwrites_input for name in providers) else None
+    workloads: dict[str, LossWorkload] = {}
+    checks: dict[str, dict | None] = {}
+    errors: dict[str, str] = {}
     for name in providers:
-        base = {"case": case.name, "rows": case.rows, "classes": case.classes, "dtype": case.dtype, "provider": name}
         try:
-            workload = LossWorkload(name, logits, target, LABEL_SMOOTHING)
-            check = check_against(workload, reference, case.dtype)
-            error = None if check["ok"] else "result differs from eager beyond tolerance: not timed"
+            workload = LossWorkload(name, logits, target, LABEL_SMOOTHING, scratch=scratch)
+            checks[name] = check_against(workload, reference, case.dtype)
+            if checks[name]["ok"]:
+                workloads[name] = workload
+            else:
+                errors[name] = "result differs from eager beyond tolerance: not timed"
         except Exception as exc:
-            workload, check, error = None, None, _error(exc)
-        for mode in modes:
-            result = dict(base, mode=mode, bytes=bytes_moved(case, mode), check=check, error=error, median_ms=None,
-                          times_ms=None, gbps=None, peak_extra_bytes=None, memory_method=None)
-            if error is None:
-                try:
-                    step = workload.mode(mode)
-                    times = time_workload(step, device, warmup, repeats)
-                    result.update(median_ms=median(times), times_ms=times, gbps=gbps(result["bytes"], median(times)))
-                    if memory and device.type == "cuda":
-                        result.update(peak_extra_bytes=cuda_peak_extra(step, device), memory_method=CUDA_MEMORY_METHOD)
-                except Exception as exc:
-                    result["error"] = _error(exc)
-                    _release(device)
-            results.append(result)
-            progress(f"{case.name} {name} {mode}")
+            checks[name], errors[name] = None, _error(exc)
+            _release(device)
         workload = None
-        _release(device)
+        progress(f"{case.name} {name} check")
     reference = None
     _release(device)
 
+    results: list[dict] = []
+    copy_result = None
+    for mode in modes:
+        contenders = {name: w.mode(mode) for name, w in workloads.items()}
+        if mode == "fwd+bwd":  # the copy moves exactly the fwd+bwd bytes: the ceiling, timed alongside
+            contenders[_COPY] = CopyWorkload(logits)
+        times, failed = time_interleaved(contenders, device, warmup, repeats)
+        if _COPY in times:
+            ms = median(times[_COPY])
+            copy_result = {"case": case.name, "rows": case.rows, "classes": case.classes, "dtype": case.dtype,
+                           "bytes": bytes_moved(case, mode), "median_ms": ms, "gbps": gbps(bytes_moved(case, mode), ms)}
+        contenders.pop(_COPY, None)
+        for name in providers:
+            result = {"case": case.name, "rows": case.rows, "classes": case.classes, "dtype": case.dtype,
+                      "provider": name, "mode": mode, "bytes": bytes_moved(case, mode), "check": checks[name],
+                      "error": errors.get(name) or (_error(failed[name]) if name in failed else None),
+                      "median_ms": None, "times_ms": None, "gbps": None, "peak_extra_bytes": None,
+                      "memory_method": None}
+            if name in times:
+                ms = median(times[name])
+                result.update(median_ms=ms, times_ms=times[name], gbps=gbps(result["bytes"], ms))
+                if memory and device.type == "cuda":
+                    try:
+                        result.update(peak_extra_bytes=cuda_peak_extra(contenders[name], device),
+                                      memory_method=CUDA_MEMORY_METHOD)
+                    except Exception as exc:
+                        result["memory_error"] = _error(exc)
+                        _release(device)
+            results.append(result)
+        contenders = None
+        _release(device)
+        progress(f"{case.name} {mode}")
+    workloads = scratch = None
+    _release(device)
+
     if memory and device.type != "cuda":
-        measured = [r for r in results if r["error"] is None]
+        measured = [r for r in results if r["median_ms"] is not None]
         jobs = [(LOSS_BUILDER, {"provider": r["provider"], "case": case.name, "mode": r["mode"], "device": "cpu",
                                 "seed": seed}) for r in measured]
         release_inputs()

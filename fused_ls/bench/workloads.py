@@ -176,11 +176,17 @@ class LossWorkload:
     """One provider on one set of inputs."""
 
     def __init__(self, provider: str | Provider, logits: torch.Tensor, target: torch.Tensor,
-                 label_smoothing: float = LABEL_SMOOTHING):
+                 label_smoothing: float = LABEL_SMOOTHING, scratch: torch.Tensor | None = None):
+        """`scratch`: a buffer like `logits` that a provider overwriting its input works in
+        (default: a clone of its own); several workloads may share one, since each restores
+        it in prepare()."""
         self.provider = PROVIDERS[provider] if isinstance(provider, str) else provider
         self.loss_fn = self.provider.make_loss(label_smoothing)
         self.pristine, self.target = logits, target
-        self.logits = logits.clone() if self.provider.overwrites_input else logits
+        if self.provider.overwrites_input:
+            self.logits = logits.clone() if scratch is None else scratch
+        else:
+            self.logits = logits
         self._anchor = torch.zeros((), device=logits.device, requires_grad=True)
         self.capture_grad = False
         self.captured_grad = None
