@@ -33,23 +33,30 @@ Precision
 ---------
 The logits of a chunk are a GEMM in the inputs' dtype (fp32 accumulation inside, rounded
 once, as ``F.linear`` does). The row op computes in fp32 and rounds g once. dL/dh is one
-GEMM over the whole vocabulary per token, exactly as in the materialised path. For bf16 and
-fp16 inputs dL/dW and dL/db are accumulated over the chunks in an fp32 buffer (V x H and V
-floats) and rounded once at the end; each chunk's product is produced in fp32 on CUDA
-(``torch.mm(out_dtype=)``) and, on the CPU where that does not exist, by a bf16 GEMM
-(fp32 inside, one rounding per chunk) before the fp32 sum.
+GEMM over the whole vocabulary per token, exactly as in the materialised path.
+
+dL/dW sums one product per chunk. In fp32 and fp64 the GEMM adds it into dL/dW itself. For
+bf16 and fp16 inputs the sum is carried as a compensated pair: dL/dW in the inputs' dtype,
+always the running sum rounded once, plus a bf16 buffer holding what that rounding left out
+(hi + lo, 16 or more significant bits). Each update is computed in fp32
+(total = hi + lo + product; hi = round(total); lo = round(total - hi)), so the error the
+accumulation adds is below 2^-18 of the sum per chunk, and dL/dW ends as the running sum
+rounded once: what an fp32 accumulator rounded at the end gives, at half its memory
+(2VH bytes instead of 4VH) and with no final conversion pass. Each chunk's product comes
+in fp32 from the GEMM on CUDA (``torch.mm(out_dtype=)``); on the CPU, which has no such
+GEMM, it is rounded once to the inputs' dtype first. dL/db is summed in fp32 (V floats).
 
 Work, memory and traffic per step (N tokens, C per chunk, b bytes per element)
 -----------------------------------------------------------------------------
     flops:   3 x 2NVH, as the materialised path (forward, dL/dh, dL/dW); 4 x for "none"
-    held:    one C x V logits buffer in the inputs' dtype, plus for bf16/fp16 the fp32
-             accumulator of dL/dW (4VH bytes) and one product slab no larger than the
-             logits buffer; the materialised path holds about 3 x NVb (logits, their
-             log-softmax and their gradient)
-    traffic: W is read twice per chunk (forward and dL/dh GEMMs) and dL/dW read and
-             written once per chunk, so chunks of fewer than a few hundred rows make the
-             GEMMs memory-bound on a GPU: default_chunk_size never goes below
-             MIN_CHUNK_ROWS unless N does.
+    held:    one C x V logits buffer in the inputs' dtype; for bf16/fp16 also the bf16
+             compensation of dL/dW (2VH bytes) and fp32 scratch of at most SLAB_ELEMENTS
+             per product slab. The materialised path holds about 3 NVb (logits, their
+             log-softmax and their gradient).
+    traffic: per chunk W is read twice (forward and dL/dh GEMMs) and the dL/dW sum read and
+             written once, so chunks of fewer than a few hundred rows leave the GEMMs
+             memory-bound on a GPU; default_chunk_size never goes below MIN_CHUNK_ROWS
+             unless N does.
 """
 
 from __future__ import annotations
@@ -61,22 +68,27 @@ from fused_ls.backends import FusedOps
 from fused_ls.functional import _backward_may_run_again, _check_arguments, _check_targets, _gradient_scale
 from fused_ls.reference import smoothed_xent_reference
 
-# Below this many rows a chunk's GEMMs (M = C) re-read W for too little work: an H100/H200
-# needs about 300 bf16 flops per byte of W read to be compute-bound, and each chunk does
-# 6*C*V*H flops for about 2*V*H*b + 8*V*H bytes.
-MIN_CHUNK_ROWS = 512
+# Below this many rows a chunk's GEMMs (M = C) re-read W for little work: per chunk they do
+# 6*C*V*H flops against about 4*V*H bytes of W and 8*V*H of the dL/dW sum (bf16), so 256
+# rows give ~130 flops per byte (an H100/H200 needs ~300 for full bf16 speed, a CPU far
+# less). Larger chunks trade memory for that; the floor is set by issue 6's memory target
+# (1/8 of the materialised path at 4096 x 1024 x 128256 in bf16).
+MIN_CHUNK_ROWS = 256
+# Elements of one dL/dW product slab in the low-precision path: its fp32 scratch is a few
+# such buffers, cache-sized on a CPU and a small fraction of the logits chunk on a GPU.
+SLAB_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 22}
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk: a logits chunk about the size of the hidden states, >= MIN_CHUNK_ROWS.
+    """Tokens per chunk: the largest power of two whose C x V logits are no larger than the
+    N x H hidden states (torch's and Liger's rule of thumb), but at least MIN_CHUNK_ROWS.
 
-    A C x V chunk as large as the N x H hidden states (C ~ N*H/V, as torch's and Liger's
-    heuristics do) bounds the memory by what the caller already holds; the floor keeps the
-    GEMMs efficient. For the LLM shapes that matter (V >> H) the floor wins, so the chunk
-    holds 512 x V logits: 1/8 of the materialised logits at 4096 tokens.
+    The hidden states bound the memory by what the caller already holds; the floor keeps the
+    GEMMs efficient. For LLM heads (V >> H) the floor usually wins: 256 x V logits, 1/16 of
+    the materialised logits at 4096 tokens.
     """
-    rows_like_hidden = -(-num_tokens * hidden_size // max(vocab_size, 1))
-    chunk = max(MIN_CHUNK_ROWS, 1 << max(rows_like_hidden - 1, 0).bit_length())
+    rows_like_hidden = num_tokens * hidden_size // max(vocab_size, 1)
+    chunk = max(MIN_CHUNK_ROWS, 1 << max(rows_like_hidden.bit_length() - 1, 0))
     return max(1, min(num_tokens, chunk))
 
 
@@ -243,11 +255,11 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, ch
     acc_dtype = _accumulation_dtype(hidden.dtype)
     rows_inplace = _rows_inplace(backend)
     compiling = torch.compiler.is_compiling()
-    # Low-precision parameter gradients are summed over the chunks in fp32 and rounded once.
-    param_acc_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    # dL/db is V floats: summed in fp32 (fp64) whatever the inputs' dtype.
+    bias_acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     grad_hidden = _empty(N, H, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    grad_weight = torch.zeros(V, H, dtype=param_acc_dtype, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(V, dtype=param_acc_dtype, device=weight.device) if need_bias else None
+    grad_weight = _WeightGradient(weight) if need_weight else None
+    grad_bias = torch.zeros(V, dtype=bias_acc_dtype, device=weight.device) if need_bias else None
     # One buffer reused by every chunk (the last may be shorter). Under torch.compile each
     # chunk gets its own tensor and the compiler plans the memory.
     buffer = None if compiling else _empty(min(chunk, N), V, dtype=hidden.dtype, device=hidden.device)
@@ -277,12 +289,12 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, ch
                 else:
                     torch.mm(grad, weight, out=grad_hidden[start:stop])
             if need_weight:
-                _add_transposed_product_(grad_weight, grad, h)
+                grad_weight.add_transposed_product(grad, h)
             if need_bias:
-                grad_bias += grad.sum(0, dtype=param_acc_dtype)
+                grad_bias += grad.sum(0, dtype=bias_acc_dtype)
     del buffer
-    if grad_weight is not None and grad_weight.dtype != weight.dtype:
-        grad_weight = grad_weight.to(weight.dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.result()
     if grad_bias is not None and grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     if N == 0:
@@ -291,25 +303,55 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, ch
     return torch.cat(losses), torch.cat(lses), grad_hidden, grad_weight, grad_bias
 
 
-def _add_transposed_product_(acc: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
-    """acc (V, H) += grad.T @ h, where acc may be fp32 and grad, h bf16/fp16."""
-    if acc.dtype == grad.dtype:
-        acc.addmm_(grad.t(), h)
-        return
-    # No GEMM here both reads bf16 and adds into an fp32 C on every device (addmm's out_dtype
-    # is CUDA-only and fails under torch.compile: pytorch#163880), so the product is made in
-    # vocabulary slabs and added in fp32: the slab is never larger than the logits chunk.
-    on_cuda = grad.device.type == "cuda"
-    product_bytes = 4 if on_cuda else grad.element_size()
-    V, H = acc.shape
-    slab = max(1, grad.numel() * grad.element_size() // (H * product_bytes))
-    for v0 in range(0, V, slab):
-        g_slab = grad[:, v0 : v0 + slab].t()
-        if on_cuda:
-            product = torch.mm(g_slab, h, out_dtype=torch.float32)  # fp32 out of the tensor cores
-        else:
-            product = torch.mm(g_slab, h)  # fp32 inside, rounded once per chunk
-        acc[v0 : v0 + slab] += product
+class _WeightGradient:
+    """dL/dW = sum over chunks of grad_chunk.T @ h_chunk, rounded once to the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        V, H = weight.shape
+        self.sum = _empty(V, H, dtype=weight.dtype, device=weight.device)
+        self.started = False
+        self.compensated = weight.dtype not in (torch.float32, torch.float64)
+        if self.compensated:
+            # What rounding the running sum to bf16/fp16 left out; bf16 for its fp32 range,
+            # so that the residual of an fp16 sum never underflows.
+            self.residual = _empty(V, H, dtype=torch.bfloat16, device=weight.device)
+            device = weight.device.type
+            self.slab_rows = max(1, SLAB_ELEMENTS.get(device, SLAB_ELEMENTS["cuda"]) // max(H, 1))
+            self.fp32_product = device == "cuda"
+
+    def add_transposed_product(self, grad: torch.Tensor, h: torch.Tensor) -> None:
+        """sum += grad.T @ h for one chunk: grad (C, V) and h (C, H)."""
+        if not self.compensated:
+            if self.started:
+                self.sum.addmm_(grad.t(), h)
+            else:
+                torch.mm(grad.t(), h, out=self.sum)
+            self.started = True
+            return
+        # No GEMM here both reads bf16 and adds into an fp32 C on every device (addmm's
+        # out_dtype is CUDA-only and fails under torch.compile: pytorch#163880), so the
+        # product is made in slabs of the vocabulary and folded into the pair in fp32.
+        V = self.sum.shape[0]
+        for v0 in range(0, V, self.slab_rows):
+            rows = slice(v0, v0 + self.slab_rows)
+            g_slab = grad[:, rows].t()
+            if self.fp32_product:
+                total = torch.mm(g_slab, h, out_dtype=torch.float32)
+            else:
+                total = torch.mm(g_slab, h).float()  # the CPU's bf16 GEMM rounds the product once
+            hi, lo = self.sum[rows], self.residual[rows]
+            if self.started:
+                total += hi
+                total += lo
+            hi.copy_(total)  # the running sum, rounded once
+            total -= hi  # exact: what that rounding left out
+            lo.copy_(total)
+        self.started = True
+
+    def result(self) -> torch.Tensor:
+        if not self.started:  # no tokens at all
+            self.sum.zero_()
+        return self.sum
 
 
 def _scale_saved(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:

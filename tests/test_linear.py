@@ -174,20 +174,24 @@ def test_buffers_poisoned_with_nan_are_fully_overwritten(backend, device, monkey
         _assert_matches_materialised(hidden, weight, bias, target, backend, chunk_size=4, reduction=reduction)
 
 
-def test_holds_one_chunk_of_logits_at_a_time(device, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_holds_one_chunk_of_logits_at_a_time(device, monkeypatch, dtype):
     allocated = []
     real_empty = linear_module._empty
 
     def recording(*shape, dtype, device):
-        allocated.append(shape)
+        allocated.append((shape, dtype))
         return real_empty(*shape, dtype=dtype, device=device)
 
     monkeypatch.setattr(linear_module, "_empty", recording)
-    hidden, weight, bias, target = _head((40,), 8, 50, torch.float32, device)
+    hidden, weight, bias, target = _head((40,), 8, 50, dtype, device)
     w = weight.clone().requires_grad_(True)
     smoothed_linear_xent(hidden.requires_grad_(True), w, target, bias, chunk_size=16).backward()
-    # the logits chunk and dL/dh: nothing with a row per token and a column per class
-    assert sorted(allocated) == [(16, 50), (40, 8)]
+    # one 16 x 50 logits chunk, dL/dh, dL/dW and, in low precision, dL/dW's bf16 compensation
+    expected = [((16, 50), dtype), ((40, 8), dtype), ((50, 8), dtype)]
+    if dtype != torch.float32:
+        expected.append(((50, 8), torch.bfloat16))
+    assert sorted(allocated, key=str) == sorted(expected, key=str)
 
 
 # ----------------------------------------------------------------------------- precision
@@ -214,6 +218,21 @@ def test_low_precision_is_no_worse_than_the_materialised_low_precision_path(back
         our_err = (o.double() - t).abs().max().item()
         eager_err = (e.double() - t).abs().max().item()
         assert our_err <= 2 * eager_err + ulp * t.abs().max().item(), (name, our_err, eager_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_gradient_over_many_chunks_is_rounded_about_once(backend, device, dtype):
+    """256 one-token chunks: summed in `dtype`, dL/dW would be rounded 256 times (several
+    times eager's error); the compensated sum keeps it at eager's level."""
+    hidden, weight, bias, target = _head((256,), 8, 32, dtype, device, bias=False, ignore_fraction=0.0)
+    ours = _losses_and_grads(smoothed_linear_xent, hidden, weight, None, target, chunk_size=1, backend=backend)[2][1]
+    eager = _losses_and_grads(lambda h, w, t, b: smoothed_xent_reference(F.linear(h, w), t, 0.1),
+                              hidden, weight, None, target)[2][1]
+    truth = _losses_and_grads(_materialised, hidden, weight, None, target)[2][1]
+    scale = truth.abs().max().item()
+    our_err = (ours.double() - truth).abs().max().item() / scale
+    eager_err = (eager.double() - truth).abs().max().item() / scale
+    assert our_err <= eager_err + torch.finfo(dtype).eps / 2, (our_err, eager_err)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -1,0 +1,164 @@
+"""The linear-head providers compared by bench/test_linear.py, and the workload builder that
+the memory subprocess imports ('linear_workloads:build').
+
+Every provider maps (hidden (N, H), weight (V, H), target (N,)) to a mean label-smoothed loss;
+one step is the forward and the backward for hidden and weight (no bias: LM heads have none).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LABEL_SMOOTHING = 0.1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Norm-wise relative difference from the materialised path that passes the check.
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    description: str
+    label_smoothing: float  # what the provider is run with
+    unavailable_reason: Callable[[torch.device], str | None]
+    make: Callable[[], Callable]  # () -> loss(hidden, weight, target)
+
+
+def _always(device):
+    return None
+
+
+def _materialised():
+    return lambda h, w, t: F.cross_entropy(F.linear(h, w), t, label_smoothing=LABEL_SMOOTHING)
+
+
+def _torch_lce_unavailable(device):
+    return None if hasattr(F, "linear_cross_entropy") else f"torch {torch.__version__} has no F.linear_cross_entropy"
+
+
+def _torch_lce():
+    return lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=LABEL_SMOOTHING)
+
+
+def _torch_lce_chunked_unavailable(device):
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no chunked F.linear_cross_entropy"
+    return None
+
+
+def _torch_lce_chunked():
+    # torch's chunked path takes only label_smoothing == 0 (with 0.1 it warns and falls back
+    # to the materialised path), so it runs the easier, unsmoothed loss here.
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=0.0, options=options)
+
+
+def _fused_ls():
+    from fused_ls import smoothed_linear_xent
+
+    return lambda h, w, t: smoothed_linear_xent(h, w, t, label_smoothing=LABEL_SMOOTHING)
+
+
+def _liger_unavailable(device):
+    if device.type != "cuda":
+        return "Liger-Kernel's Triton kernels need a CUDA device"
+    try:
+        _liger_class()
+    except Exception as exc:
+        return f"liger_kernel is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _liger_class():
+    return importlib.import_module("liger_kernel.transformers").LigerFusedLinearCrossEntropyLoss
+
+
+def _liger():
+    loss = _liger_class()(label_smoothing=LABEL_SMOOTHING)
+    return lambda h, w, t: loss(w, h, t)
+
+
+PROVIDERS = {
+    p.name: p
+    for p in (
+        Provider("materialised", "F.cross_entropy(F.linear(h, W), label_smoothing=0.1), eager", LABEL_SMOOTHING,
+                 _always, _materialised),
+        Provider("torch-lce", "F.linear_cross_entropy(h, W, t, label_smoothing=0.1) (options=None)", LABEL_SMOOTHING,
+                 _torch_lce_unavailable, _torch_lce),
+        Provider("torch-lce-chunked", "F.linear_cross_entropy(..., label_smoothing=0.0, "
+                 "options=LinearCrossEntropyOptions()): its chunked path refuses eps != 0", 0.0,
+                 _torch_lce_chunked_unavailable, _torch_lce_chunked),
+        Provider("fused_ls", "fused_ls.smoothed_linear_xent(h, W, t, label_smoothing=0.1), backend auto",
+                 LABEL_SMOOTHING, _always, _fused_ls),
+        Provider("liger-flce", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)", LABEL_SMOOTHING,
+                 _liger_unavailable, _liger),
+    )
+}
+
+
+@dataclass(frozen=True)
+class HeadCase:
+    tokens: int
+    hidden: int
+    vocab: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.tokens}x{self.hidden}x{self.vocab}:{self.dtype}"
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.tokens * self.vocab * DTYPES[self.dtype].itemsize
+
+    @property
+    def gradient_bytes(self) -> int:
+        """dL/dh and dL/dW, in the inputs' dtype: what every provider must hand back."""
+        return (self.tokens + self.vocab) * self.hidden * DTYPES[self.dtype].itemsize
+
+    @classmethod
+    def parse(cls, text: str, dtype: str) -> HeadCase:
+        tokens, hidden, vocab = (int(x) for x in text.lower().split("x"))
+        return cls(tokens, hidden, vocab, dtype)
+
+
+class HeadWorkload:
+    """One forward + backward (hidden and weight) of a provider on fixed random inputs."""
+
+    def __init__(self, provider: str, case: HeadCase, device: torch.device, seed: int):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        dtype = DTYPES[case.dtype]
+        self.hidden = torch.randn(case.tokens, case.hidden, device=device, generator=gen).to(dtype)
+        self.hidden.requires_grad_(True)
+        weight = torch.randn(case.vocab, case.hidden, device=device, generator=gen)
+        self.weight = weight.mul_(case.hidden**-0.5).to(dtype).requires_grad_(True)
+        del weight
+        self.target = torch.randint(0, case.vocab, (case.tokens,), device=device, generator=gen)
+        self.loss_fn = PROVIDERS[provider].make()
+
+    def prepare(self) -> None:
+        pass
+
+    def step(self):
+        loss = self.loss_fn(self.hidden, self.weight, self.target)
+        grad_hidden, grad_weight = torch.autograd.grad(loss, (self.hidden, self.weight))
+        return loss.detach(), grad_hidden, grad_weight
+
+
+def build(provider: str, tokens: int, hidden: int, vocab: int, dtype: str, device: str, seed: int) -> HeadWorkload:
+    """The memory subprocess's entry point ('linear_workloads:build')."""
+    return HeadWorkload(provider, HeadCase(tokens, hidden, vocab, dtype), torch.device(device), seed)
+
+
+def relative_difference(result, reference) -> float:
+    """Largest norm-wise relative difference over (loss, dL/dh, dL/dW)."""
+    worst = 0.0
+    for ours, theirs in zip(result, reference):
+        ours, theirs = ours.double(), theirs.double()
+        worst = max(worst, ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item())
+    return worst
