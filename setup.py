@@ -5,7 +5,7 @@
 compiles the C++ CPU kernels always, and the CUDA kernels too when torch has CUDA and nvcc
 is present (FUSED_LS_NO_CUDA=1 skips them). With no torch or no C++ compiler at build time
 the pure-Python package still installs, and fused_ls builds the extension just in time on
-first use (fused_ls/native.py). The sources also ship inside the package, as fused_ls._csrc,
+first use (fused_ls/native.py). The sources also ship inside the package, as fused_ls/_csrc,
 for that just-in-time build. How the parts are compiled: fused_ls/_native_build.py.
 """
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -67,9 +69,20 @@ def _native_extension() -> dict:
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildNativeExtension}}
 
 
-setup(
-    packages=[*find_packages(include=["fused_ls", "fused_ls.*"]), "fused_ls._csrc"],
-    package_dir={"fused_ls._csrc": "csrc"},
-    package_data={"fused_ls._csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cpp", "cuda/*.cu"]},
-    **_native_extension(),
-)
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the built package as fused_ls/_csrc (an editable install reads csrc/)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "fused_ls" / "_csrc"
+        for source in (ROOT / "csrc").rglob("*"):
+            if source.suffix in (".h", ".cpp", ".cu"):
+                destination = target / source.relative_to(ROOT / "csrc")
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, destination)
+
+
+native = _native_extension()
+setup(cmdclass={"build_py": BuildPyWithSources, **native.pop("cmdclass", {})}, **native)
