@@ -1,0 +1,394 @@
+"""What only the native backend has: its build, its CPU kernel's own paths, its CUDA kernel.
+
+The behaviour every backend shares (numbers, features, edge cases, in place, compile) is
+tested once for all of them, "native" included, by the parametrised suites. Here:
+  * the extension is there wherever a C++ compiler is, and coexists with the Triton ops;
+  * the CPU op passes opcheck for the dtypes and layouts the generic test does not use, and
+    gradcheck on rows long enough to span several of its chunks;
+  * every instruction-set variant of the CPU kernel gives the same numbers;
+  * masked (-inf) classes and rows past 2^31 logits (slow);
+  * the CUDA sources compile with nvcc for sm_80 and sm_90 (no GPU needed), and their
+    kernels give the float64 oracle's numbers when run on the CPU by tests/cuda_host_emulation.cpp;
+  * on a GPU (marker `gpu`), the CUDA kernel against the oracle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import GRAD_TOL, LOSS_TOL, assert_matches_truth, loss_and_grad, truth
+
+from fused_ls import _native_build, native, smoothed_xent, smoothed_xent_reference
+from fused_ls.smoothing import smoothing_masses
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+needs_native = pytest.mark.skipif(not native.load()[0], reason=f"native extension unavailable: {native.load()[1]}")
+
+
+def _rows_op():
+    return torch.ops.fused_ls.smoothed_xent_rows
+
+
+def _rows_inplace_op():
+    return torch.ops.fused_ls.smoothed_xent_rows_
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def test_the_extension_loads_wherever_a_compiler_is():
+    # CI has a compiler: a broken build must fail here, not quietly drop the backend.
+    if _native_build.cxx_compiler() is None and not native.load()[0]:
+        pytest.skip("no C++ compiler and no prebuilt fused_ls._C")
+    ok, why = native.load()
+    assert ok, why
+    assert native.cpu_kernel_isa() in ("DEFAULT", "AVX2", "AVX512")
+
+
+@needs_native
+@pytest.mark.parametrize("first", ["native", "triton"])
+def test_native_and_triton_ops_share_the_namespace_in_either_import_order(first):
+    pytest.importorskip("triton")
+    imports = {
+        "native": "from fused_ls import native; assert native.load()[0], native.load()[1]",
+        "triton": "import fused_ls.triton.smoothed_xent",
+    }
+    second = "triton" if first == "native" else "native"
+    script = "\n".join([
+        "import torch",
+        imports[first],
+        imports[second],
+        "x = torch.randn(3, 11); t = torch.tensor([0, 10, 4]); s = torch.tensor(1.0)",
+        "args = (t, None, s, 0.1, False, -100, 0.0, 0.0, 1.0)",
+        "a = torch.ops.fused_ls.smoothed_xent_rows(x, *args)",
+        "b = torch.ops.fused_ls.smoothed_xent_rows_triton(x, *args)",
+        "torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)",
+    ])
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, timeout=300)
+
+
+# ----------------------------------------------------------------------------- the CPU op
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_opcheck_of_the_cpu_op_for_each_dtype_and_a_strided_batch(dtype):
+    base = torch.randn(4, 2 * 2048 + 45, dtype=dtype)
+    logits = base[:, 3:-2]  # row stride != V, unaligned start: the kernel's general path
+    V = logits.shape[1]
+    target = torch.tensor([0, V - 1, -100, 7], dtype=torch.int32)
+    weight = torch.rand(V, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    grad_scale = torch.tensor(0.25, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    args = (target, weight, grad_scale, 0.1, False, -100, 1e-3, 3.0, 1.1)
+    torch.library.opcheck(_rows_op(), (logits, *args))
+    torch.library.opcheck(_rows_inplace_op(), (logits.clone(), *args))
+
+
+@needs_native
+def test_gradcheck_in_float64_on_rows_spanning_several_chunks():
+    # The CPU kernel works in chunks of 2048 logits; 4133 = two whole chunks and a ragged one.
+    logits = torch.randn(2, 4133, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([4132, 2050])
+    weight = torch.rand(4133, dtype=torch.float64) + 0.5
+
+    def fn(x):
+        return smoothed_xent(x, target, 0.2, weight=weight, convention="others", z_loss=0.05, softcap=2.0,
+                             logit_scale=1.5, backend="native")
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def _isa_script(capability: str) -> str:
+    return "\n".join([
+        "import os, torch",
+        "from fused_ls import native",
+        "native.load()",
+        "torch.manual_seed(0)",
+        "x = torch.randn(6, 5003) * 4; t = torch.tensor([0, 5002, -100, 17, 4000, 2048])",
+        "w = torch.rand(5003) + 0.5; s = torch.tensor(0.5)",
+        "out = [torch.ops.fused_ls.smoothed_xent_rows(x.to(dt), t, w, s, 0.1, True, -100, 1e-2, c, 1.3)",
+        "       for dt in (torch.float32, torch.bfloat16) for c in (0.0, 5.0)]",
+        f"torch.save((native.cpu_kernel_isa(), out), os.environ['RESULT_{capability}'])",
+    ])
+
+
+@needs_native
+def test_every_instruction_set_variant_gives_the_same_numbers(tmp_path):
+    compiled = native._STATE["native"][0].CPU_KERNEL_ISAS.split(",")
+    results = {}
+    for capability in ("default", "avx2", "avx512"):
+        path = tmp_path / f"{capability}.pt"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, f"RESULT_{capability}": str(path)}
+        subprocess.run([sys.executable, "-c", _isa_script(capability)], check=True, env=env, cwd=ROOT, timeout=300)
+        results[capability] = torch.load(path)
+    isas = {capability: isa for capability, (isa, _) in results.items()}
+    assert isas["default"] == "DEFAULT"
+    if "AVX512" in compiled and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert isas == {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
+    reference = results["default"][1]
+    for capability, (_, out) in results.items():
+        for (loss, lse, grad), (ref_loss, ref_lse, ref_grad) in zip(out, reference):
+            torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=2e-6, msg=capability)
+            torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6, msg=capability)
+            tol = GRAD_TOL[grad.dtype]  # one rounding of the gradient apart at most
+            torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=2 * tol[0], atol=2 * tol[1], msg=capability)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_classes_at_minus_infinity_behave_as_in_pytorch(dtype):
+    # Whole chunks of -inf (a vocabulary padded and masked): exact zeros, no NaN.
+    V = 5000
+    logits = (torch.randn(3, V) * 2).to(dtype)
+    logits[:, 100:4500] = float("-inf")
+    target = torch.tensor([5, 4999, 60])
+    for eps in (0.0, 0.1):
+        ours = smoothed_xent(logits, target, eps, reduction="none", backend="native")
+        theirs = F.cross_entropy(logits.double(), target, label_smoothing=eps, reduction="none")
+        torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=2e-5)  # finite, or inf for eps > 0
+    loss, grad = loss_and_grad(smoothed_xent, logits, target, 0.0, backend="native")
+    _, true_grad = truth(logits, target, 0.0)
+    assert (grad[:, 100:4500] == 0).all()
+    torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1])
+
+
+@needs_native
+def test_a_nan_logit_makes_its_row_nan_and_only_its_row():
+    logits = torch.randn(3, 3000)
+    logits[1, 2500] = float("nan")
+    loss, lse, grad = _rows_op()(logits, torch.tensor([1, 2, 3]), None, torch.tensor(1.0), 0.1, False, -100, 0.0, 0.0, 1.0)
+    assert loss[1].isnan() and lse[1].isnan() and grad[1].isnan().all()
+    assert loss[[0, 2]].isfinite().all() and grad[[0, 2]].isfinite().all()
+
+
+def _available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+@needs_native
+@pytest.mark.slow
+def test_rows_past_two_to_the_31_logits_in_bfloat16():
+    # 16,760 x 128,256 bf16 logits = 2.149e9 elements (4.3 GB), gradient written in place.
+    # Random rows at the start, straddling element 2^31 and at the end are checked against
+    # the oracle; the zero rows between must give log V. An int32 offset would wrap.
+    N, V = 16_760, 128_256
+    assert N * V > 2**31
+    if _available_memory_bytes() < 6 * 2**30:
+        pytest.skip("needs about 5 GB of free memory")
+    straddling = 2**31 // V
+    checked = [0, straddling, straddling + 1, N - 1]
+    logits = torch.zeros(N, V, dtype=torch.bfloat16)
+    originals = (torch.randn(len(checked), V) * 3).to(torch.bfloat16)
+    logits[checked] = originals
+    target = torch.randint(0, V, (N,))
+    loss, lse = _rows_inplace_op()(logits, target, None, torch.tensor(1.0), 0.1, False, -100, 0.0, 0.0, 1.0)
+    for i, row in enumerate(checked):
+        true_loss, true_grad = truth(originals[i : i + 1], target[row : row + 1], 0.1, reduction="none")
+        assert_matches_truth(loss[row : row + 1], logits[row : row + 1], true_loss, true_grad, torch.bfloat16)
+        torch.testing.assert_close(lse[row], torch.logsumexp(originals[i].float(), 0), rtol=1e-5, atol=1e-5)
+    plain = torch.ones(N, dtype=torch.bool)
+    plain[checked] = False
+    torch.testing.assert_close(loss[plain], torch.full_like(loss[plain], math.log(V)), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the CUDA sources
+
+
+def _cuda_homes() -> list[Path]:
+    homes = [Path(os.environ[var]) for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+    homes.append(Path("/usr/local/cuda"))
+    on_path = shutil.which("nvcc")
+    if on_path:
+        homes.append(Path(on_path).resolve().parent.parent)
+    return homes
+
+
+def _nvcc() -> str | None:
+    """CUDA_HOME's nvcc, else /usr/local/cuda's, else the one on PATH."""
+    for home in _cuda_homes():
+        if (home / "bin" / "nvcc").exists():
+            return str(home / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _require_nvcc() -> str:
+    nvcc = _nvcc()
+    if nvcc is None:
+        if os.environ.get("FUSED_LS_REQUIRE_NVCC") == "1":
+            pytest.fail("FUSED_LS_REQUIRE_NVCC=1 but no nvcc on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin")
+        pytest.skip("no nvcc (CI sets FUSED_LS_REQUIRE_NVCC=1 to make this a failure)")
+    return nvcc
+
+
+# Torch's own nvcc flags for extensions, so that what compiles here compiles in a torch build.
+TORCH_LIKE_NVCC_FLAGS = [
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_sources_compile_with_nvcc(arch, tmp_path):
+    nvcc = _require_nvcc()
+    sources = sorted(CSRC.glob("cuda/*.cu"))
+    assert sources, "no CUDA sources found"
+    for source in sources:
+        cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings", *TORCH_LIKE_NVCC_FLAGS,
+               str(source), "-o", str(tmp_path / f"{source.stem}.o")]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory):
+    """The CUDA launcher, compiled for the host by tests/cuda_host_emulation.cpp (ctypes)."""
+    _require_nvcc()
+    include = next((home / "include" for home in _cuda_homes() if (home / "include" / "cuda_runtime.h").exists()), None)
+    cxx = _native_build.cxx_compiler()
+    if cxx is None or include is None:
+        pytest.skip("needs a C++ compiler and the CUDA toolkit's headers")
+    harness = Path(__file__).with_name("cuda_host_emulation.cpp")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [harness, *sorted(CSRC.rglob("*.h")), *CSRC.glob("cuda/*.cu")]))
+    library = tmp_path_factory.mktemp("cuda_emulation") / f"emulation_{digest.hexdigest()[:12]}.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", f"-I{include}", str(harness), "-o", str(library), "-lpthread"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
+    return ctypes.CDLL(str(library))
+
+
+class _RowsProblem(ctypes.Structure):
+    """ctypes mirror of fused_ls::RowsProblem (csrc/smoothed_xent.h)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int), ("logits", ctypes.c_void_p), ("logits_row_stride", ctypes.c_int64),
+        ("grad", ctypes.c_void_p), ("grad_row_stride", ctypes.c_int64), ("target", ctypes.c_void_p),
+        ("weight", ctypes.c_void_p), ("weight_sum", ctypes.c_void_p), ("grad_scale", ctypes.c_void_p),
+        ("loss", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("num_rows", ctypes.c_int64),
+        ("num_classes", ctypes.c_int64), ("ignore_index", ctypes.c_int64), ("k_s", ctypes.c_double),
+        ("k_t", ctypes.c_double), ("z_loss", ctypes.c_double), ("softcap", ctypes.c_double),
+        ("logit_scale", ctypes.c_double),
+    ]
+
+
+_SCALAR_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=False, others=False, z_loss=0.0,
+                  softcap=0.0, logit_scale=1.0, grad_scale=0.5, ignore_index=-100):
+    """What the CUDA op would return, buffers poisoned with NaN as csrc/op_common.h prepares them."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    N, V = logits.shape
+    target = target.long().contiguous()
+    w = None if weight is None else weight.to(acc).contiguous()
+    w_sum = None if weight is None else weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32).to(acc)
+    scale = torch.tensor(grad_scale, dtype=acc)
+    loss = torch.full((N,), math.nan, dtype=acc)
+    lse = torch.full((N,), math.nan, dtype=acc)
+    grad = logits if inplace else torch.full((N, V), math.nan, dtype=logits.dtype)
+    k_s, k_t = smoothing_masses(eps, V, others)
+    problem = _RowsProblem(
+        _SCALAR_KIND[logits.dtype], logits.data_ptr(), logits.stride(0), grad.data_ptr(), grad.stride(0),
+        target.data_ptr(), None if w is None else w.data_ptr(), None if w_sum is None else w_sum.data_ptr(),
+        scale.data_ptr(), loss.data_ptr(), lse.data_ptr(), N, V, ignore_index, k_s, k_t, z_loss, softcap, logit_scale,
+    )
+    lib.fused_ls_emulated_workspace_bytes.restype = ctypes.c_ulong
+    workspace = torch.empty(max(lib.fused_ls_emulated_workspace_bytes(ctypes.byref(problem), blocks_per_row), 1), dtype=torch.uint8)
+    status = lib.fused_ls_emulated_cuda_rows(ctypes.byref(problem), blocks_per_row, ctypes.c_void_p(workspace.data_ptr()))
+    assert status == 0, f"launch returned cudaError {status}"
+    return loss, lse, grad
+
+
+EVERY_FEATURE = {"others": True, "z_loss": 1e-2, "softcap": 2.5, "logit_scale": 1.3}
+
+EMULATED_CASES = {
+    # name: (dtype, V, row padding, blocks per row, in place, weighted, features)
+    "fp32 16-byte loads": (torch.float32, 1000, 0, 1, False, False, {}),
+    "bf16 16-byte loads, every feature": (torch.bfloat16, 3000, 8, 1, False, True, EVERY_FEATURE),
+    "fp16 unaligned rows": (torch.float16, 999, 3, 1, False, False, {}),
+    "fp32 row split over 3 blocks, in place": (torch.float32, 5000, 0, 3, True, True, EVERY_FEATURE),
+    "bf16 ragged split over 4 blocks": (torch.bfloat16, 5003, 1, 4, False, False, {}),
+    "fp64 every feature": (torch.float64, 301, 0, 1, False, True, EVERY_FEATURE),
+}
+
+
+@pytest.mark.parametrize("case", list(EMULATED_CASES))
+def test_cuda_kernels_run_on_the_cpu_match_the_oracle(emulated_cuda, case):
+    dtype, V, pad, blocks, inplace, weighted, features = EMULATED_CASES[case]
+    N = 5
+    base = (torch.randn(N, V + pad, dtype=torch.float64) * 3).to(dtype)
+    logits = base[:, :V]
+    target = torch.randint(0, V, (N,))
+    target[1], target[2], target[3] = -100, V - 1, 0
+    weight = torch.rand(V, dtype=torch.float64) + 0.5 if weighted else None
+    kwargs = dict(convention="others" if features.get("others") else "uniform", z_loss=features.get("z_loss", 0.0),
+                  softcap=features.get("softcap"), logit_scale=features.get("logit_scale", 1.0))
+    true_loss, true_grad = truth(logits, target, 0.1, weight=weight, reduction="sum", **kwargs)
+    true_rows = smoothed_xent_reference(logits.double(), target, 0.1, weight=weight, reduction="none", **kwargs)
+    loss, lse, grad = _run_emulated(
+        emulated_cuda, logits.clone() if not inplace else logits, target,
+        None if weight is None else (weight if dtype == torch.float64 else weight.float()), 0.1, blocks,
+        inplace=inplace, others=features.get("others", False), z_loss=kwargs["z_loss"],
+        softcap=features.get("softcap", 0.0), logit_scale=kwargs["logit_scale"], grad_scale=1.0,
+    )
+    torch.testing.assert_close(loss.double(), true_rows, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
+    assert_matches_truth(loss.double().sum(), grad, true_loss, true_grad, dtype)
+    assert (grad[1] == 0).all() and loss[1] == 0  # the ignored row
+
+
+def test_cuda_kernel_never_reads_an_out_of_range_target(emulated_cuda):
+    # The target's row is the last of the buffer, so an index of V + 10**6 would fault here.
+    logits = torch.randn(2, 777)
+    target = torch.tensor([3, 777 + 10**6])
+    loss, lse, grad = _run_emulated(emulated_cuda, logits, target, None, 0.1, 1)
+    assert loss[1].isnan() and (grad[1] == 0).all()
+    torch.testing.assert_close(lse, torch.logsumexp(logits, 1))
+    assert loss[0].isfinite()
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 50_257), (3, 256_000), (7, 1001)])
+def test_cuda_kernel_matches_the_oracle_on_a_gpu(dtype, shape):
+    if not native.has_cuda():
+        pytest.skip("the native extension was built without CUDA")
+    N, V = shape
+    logits = (torch.randn(N, V, device="cuda") * 3).to(dtype)
+    target = torch.randint(0, V, (N,), device="cuda")
+    target[0] = -100
+    for inplace in (False, True):
+        kwargs = dict(z_loss=1e-3, softcap=20.0, reduction="sum")
+        x = logits.clone()
+        if inplace:
+            x = x.requires_grad_() * 1  # a non-leaf, overwritten with its gradient
+            loss = smoothed_xent(x, target, 0.1, inplace_backward=True, backend="native", **kwargs)
+            loss.backward()
+            grad = x
+        else:
+            loss, grad = loss_and_grad(smoothed_xent, x, target, 0.1, backend="native", **kwargs)
+        true_loss, true_grad = truth(logits, target, 0.1, **kwargs)
+        rtol, atol = LOSS_TOL[dtype]
+        torch.testing.assert_close(loss.double(), true_loss, rtol=rtol * 10, atol=atol * N)
+        rtol, atol = GRAD_TOL[dtype]
+        torch.testing.assert_close(grad.detach().double(), true_grad, rtol=rtol, atol=atol)
