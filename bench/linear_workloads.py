@@ -58,10 +58,14 @@ def _torch_lce_chunked():
     return lambda h, w, t: F.linear_cross_entropy(h, w, t, label_smoothing=0.0, options=options)
 
 
-def _fused_ls():
-    from fused_ls import smoothed_linear_xent
+def _fused_ls(grad_accumulation: str):
+    def make():
+        from fused_ls import smoothed_linear_xent
 
-    return lambda h, w, t: smoothed_linear_xent(h, w, t, label_smoothing=LABEL_SMOOTHING)
+        return lambda h, w, t: smoothed_linear_xent(h, w, t, label_smoothing=LABEL_SMOOTHING,
+                                                    grad_accumulation=grad_accumulation)
+
+    return make
 
 
 def _liger_unavailable(device):
@@ -93,8 +97,10 @@ PROVIDERS = {
         Provider("torch-lce-chunked", "F.linear_cross_entropy(..., label_smoothing=0.0, "
                  "options=LinearCrossEntropyOptions()): its chunked path refuses eps != 0", 0.0,
                  _torch_lce_chunked_unavailable, _torch_lce_chunked),
-        Provider("fused_ls", "fused_ls.smoothed_linear_xent(h, W, t, label_smoothing=0.1), backend auto",
-                 LABEL_SMOOTHING, _always, _fused_ls),
+        Provider("fused_ls", "fused_ls.smoothed_linear_xent(h, W, t, label_smoothing=0.1): backend auto, "
+                 "default chunks, grad_accumulation='fp32'", LABEL_SMOOTHING, _always, _fused_ls("fp32")),
+        Provider("fused_ls-weight_dtype", "the same with grad_accumulation='weight_dtype' (differs from "
+                 "'fp32' only for bf16/fp16)", LABEL_SMOOTHING, _always, _fused_ls("weight_dtype")),
         Provider("liger-flce", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)", LABEL_SMOOTHING,
                  _liger_unavailable, _liger),
     )

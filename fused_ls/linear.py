@@ -77,18 +77,22 @@ MIN_CHUNK_ROWS = 256
 # Elements of one dL/dW product slab in the low-precision path: its fp32 scratch is a few
 # such buffers, cache-sized on a CPU and a small fraction of the logits chunk on a GPU.
 SLAB_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 22}
+GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk: the largest power of two whose C x V logits are no larger than the
-    N x H hidden states (torch's and Liger's rule of thumb), but at least MIN_CHUNK_ROWS.
+    """Tokens per chunk: the largest power of two no larger than N*H/V (logits no larger than
+    the hidden states, torch's and Liger's rule of thumb) or N/16 (a sixteenth of the logits),
+    but at least MIN_CHUNK_ROWS, and at most N.
 
-    The hidden states bound the memory by what the caller already holds; the floor keeps the
-    GEMMs efficient. For LLM heads (V >> H) the floor usually wins: 256 x V logits, 1/16 of
-    the materialised logits at 4096 tokens.
+    Both bounds scale with what the caller already holds; the floor and the N/16 term keep
+    the GEMMs efficient and the number of passes over dL/dW at 16 or fewer. For LLM heads
+    (V >> H) at 4096 tokens the floor wins: 256 x V logits.
     """
-    rows_like_hidden = num_tokens * hidden_size // max(vocab_size, 1)
-    chunk = max(MIN_CHUNK_ROWS, 1 << max(rows_like_hidden.bit_length() - 1, 0))
+    def pow2_floor(x: int) -> int:
+        return 1 << max(x.bit_length() - 1, 0)
+
+    chunk = max(MIN_CHUNK_ROWS, pow2_floor(num_tokens * hidden_size // max(vocab_size, 1)), pow2_floor(num_tokens // 16))
     return max(1, min(num_tokens, chunk))
 
 
@@ -109,6 +113,7 @@ def smoothed_linear_xent(
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
     chunk_size: int | None = None,
+    grad_accumulation: str = "fp32",
     backend: str = "auto",
 ):
     r"""Smoothed cross-entropy of ``hidden @ weight.T + bias``, never holding more than a chunk of it.
@@ -127,21 +132,32 @@ def smoothed_linear_xent(
             because ``weight`` here is the LM head. Not differentiated.
         ignore_index, reduction, convention, z_loss, softcap, logit_scale, normalizer,
             return_lse, backend: as in :func:`fused_ls.smoothed_xent`.
-        chunk_size: tokens per chunk; default :func:`default_chunk_size` (at least 512 tokens,
-            or all of them). Smaller saves memory, larger re-reads ``weight`` less often.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size` (at least 256 tokens,
+            or all of them). Smaller saves memory; larger re-reads ``weight`` and re-writes
+            its gradient less often.
+        grad_accumulation: how the gradients of a bfloat16/float16 ``weight`` are summed over
+            the chunks (float32/float64 weights are summed in their own dtype either way):
+
+            * "fp32" (default): with fp32 arithmetic, as a compensated pair (the gradient,
+              always the running sum rounded once, plus a bf16 buffer of what that rounding
+              left out: 2VH bytes), so the result is what an fp32 accumulator rounded at the
+              end gives. One extra pass over the pair per chunk.
+            * "weight_dtype": the GEMM adds every chunk into the gradient itself (fp32 inside
+              the GEMM, one rounding per chunk): no extra memory and no extra pass, the
+              gradient rounded once per chunk. What torch's chunked
+              ``F.linear_cross_entropy`` ("compact") and Liger-Kernel do by default.
 
     Returns:
         As :func:`fused_ls.smoothed_xent`: the loss in float32 (float64 for float64 inputs),
         and with ``return_lse`` the per-token lse of the transformed logits.
 
-    The gradients of ``weight`` and ``bias`` are accumulated over the chunks in float32 for
-    bfloat16/float16 inputs and rounded once. The forward computes every gradient, so it costs
+    The gradient of ``bias`` is summed in float32. The forward computes every gradient, so it costs
     about three GEMMs (four for ``reduction="none"``, whose backward recomputes the logits);
     with no gradient needed it is one GEMM. A mean over rows that are all ignored is 0 with
     zero gradients, as in ``smoothed_xent``. Under ``torch.autocast`` the inputs are cast to
     the autocast dtype first, as ``F.linear`` would.
     """
-    _check_head(hidden, weight, bias, class_weight, chunk_size)
+    _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulation)
     V, H = weight.shape
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -165,7 +181,7 @@ def smoothed_linear_xent(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden2d.shape[0], H, V)
     grad_on = torch.is_grad_enabled()
     loss, lse = _LinearSmoothedXent.apply(
-        hidden2d, weight, bias, target1d, class_weight, grad_scale, reduction, chunk, name,
+        hidden2d, weight, bias, target1d, class_weight, grad_scale, reduction, (chunk, name, grad_accumulation),
         float(label_smoothing), convention == "others", int(ignore_index), float(z_loss),
         float(softcap or 0.0), float(logit_scale),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
@@ -200,22 +216,22 @@ class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
 
 class _LinearSmoothedXent(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, chunk, backend,
+    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, plan,
                 label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale,
                 need_hidden, need_weight, need_bias):
         row_args = (label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
-        ctx.setup = (chunk, backend, row_args)
+        ctx.setup = (plan, row_args)
         ctx.reduction = reduction
         if reduction == "none":
             # The per-row upstream gradient arrives only in backward: recompute there.
             loss_rows, lse, *_ = _sweep(hidden, weight, bias, target, class_weight, grad_scale, None,
-                                        chunk, backend, row_args, False, False, False)
+                                        plan, row_args, False, False, False)
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, grad_scale)
             ctx.mark_non_differentiable(lse)
             return loss_rows, lse
         loss_rows, lse, grad_hidden, grad_weight, grad_bias = _sweep(
             hidden, weight, bias, target, class_weight, grad_scale, None,
-            chunk, backend, row_args, need_hidden, need_weight, need_bias,
+            plan, row_args, need_hidden, need_weight, need_bias,
         )
         if reduction == "sum":
             loss = loss_rows.sum()
@@ -232,24 +248,26 @@ class _LinearSmoothedXent(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.reduction == "none":
             hidden, weight, bias, target, class_weight, grad_scale = ctx.saved_tensors
-            chunk, backend, row_args = ctx.setup
+            plan, row_args = ctx.setup
             row_scale = grad_loss.reshape(-1).to(_accumulation_dtype(hidden.dtype))
             _, _, grad_hidden, grad_weight, grad_bias = _sweep(
                 hidden, weight, bias, target, class_weight, grad_scale, row_scale,
-                chunk, backend, row_args, need_hidden, need_weight, need_bias,
+                plan, row_args, need_hidden, need_weight, need_bias,
             )
         else:
             grad_hidden, grad_weight, grad_bias = (
                 _scale_saved(g, grad_loss) if need else None
                 for g, need in zip(ctx.saved_tensors, (need_hidden, need_weight, need_bias))
             )
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 15
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 14
 
 
-def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, chunk, backend, row_args,
+def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, plan, row_args,
            need_hidden, need_weight, need_bias):
     """One pass over the token chunks: (loss_rows, lse, dL/dh, dL/dW, dL/db), each gradient
-    None unless asked for. `row_scale` (N,), if given, multiplies each row's gradient."""
+    None unless asked for. `row_scale` (N,), if given, multiplies each row's gradient;
+    `plan` is (tokens per chunk, backend name, grad_accumulation)."""
+    chunk, backend, grad_accumulation = plan
     N, H = hidden.shape
     V = weight.shape[0]
     acc_dtype = _accumulation_dtype(hidden.dtype)
@@ -258,7 +276,7 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, ch
     # dL/db is V floats: summed in fp32 (fp64) whatever the inputs' dtype.
     bias_acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     grad_hidden = _empty(N, H, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-    grad_weight = _WeightGradient(weight) if need_weight else None
+    grad_weight = _WeightGradient(weight, grad_accumulation) if need_weight else None
     grad_bias = torch.zeros(V, dtype=bias_acc_dtype, device=weight.device) if need_bias else None
     # One buffer reused by every chunk (the last may be shorter). Under torch.compile each
     # chunk gets its own tensor and the compiler plans the memory.
@@ -304,13 +322,13 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, ch
 
 
 class _WeightGradient:
-    """dL/dW = sum over chunks of grad_chunk.T @ h_chunk, rounded once to the weight's dtype."""
+    """dL/dW = sum over chunks of grad_chunk.T @ h_chunk, summed as `grad_accumulation` says."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, grad_accumulation: str):
         V, H = weight.shape
         self.sum = _empty(V, H, dtype=weight.dtype, device=weight.device)
         self.started = False
-        self.compensated = weight.dtype not in (torch.float32, torch.float64)
+        self.compensated = grad_accumulation == "fp32" and weight.dtype not in (torch.float32, torch.float64)
         if self.compensated:
             # What rounding the running sum to bf16/fp16 left out; bf16 for its fp32 range,
             # so that the residual of an fp16 sum never underflows.
@@ -322,6 +340,7 @@ class _WeightGradient:
     def add_transposed_product(self, grad: torch.Tensor, h: torch.Tensor) -> None:
         """sum += grad.T @ h for one chunk: grad (C, V) and h (C, H)."""
         if not self.compensated:
+            # The GEMM adds into dL/dW itself (fp32 inside, one rounding per chunk in bf16).
             if self.started:
                 self.sum.addmm_(grad.t(), h)
             else:
@@ -330,28 +349,54 @@ class _WeightGradient:
             return
         # No GEMM here both reads bf16 and adds into an fp32 C on every device (addmm's
         # out_dtype is CUDA-only and fails under torch.compile: pytorch#163880), so the
-        # product is made in slabs of the vocabulary and folded into the pair in fp32.
+        # product is made in slabs of the vocabulary and folded into the pair.
         V = self.sum.shape[0]
         for v0 in range(0, V, self.slab_rows):
             rows = slice(v0, v0 + self.slab_rows)
             g_slab = grad[:, rows].t()
             if self.fp32_product:
-                total = torch.mm(g_slab, h, out_dtype=torch.float32)
+                product = torch.mm(g_slab, h, out_dtype=torch.float32)
             else:
-                total = torch.mm(g_slab, h).float()  # the CPU's bf16 GEMM rounds the product once
-            hi, lo = self.sum[rows], self.residual[rows]
-            if self.started:
-                total += hi
-                total += lo
-            hi.copy_(total)  # the running sum, rounded once
-            total -= hi  # exact: what that rounding left out
-            lo.copy_(total)
+                product = torch.mm(g_slab, h)  # the CPU's bf16 GEMM rounds each chunk's product once
+            torch.ops.fused_ls.compensated_add_(self.sum[rows], self.residual[rows], product, not self.started)
         self.started = True
 
     def result(self) -> torch.Tensor:
         if not self.started:  # no tokens at all
             self.sum.zero_()
         return self.sum
+
+
+@torch.library.custom_op("fused_ls::compensated_add_", mutates_args=("hi", "lo"))
+def compensated_add_(hi: torch.Tensor, lo: torch.Tensor, product: torch.Tensor, first: bool) -> None:
+    """(hi, lo) += product, elementwise: hi the running sum rounded to its dtype, lo (bf16)
+    what that rounding left out. Computed in fp32; with `first`, hi and lo are overwritten."""
+    _eager_compensated_add(hi, lo, product, first)
+
+
+@compensated_add_.register_fake
+def _(hi, lo, product, first):
+    return None
+
+
+@compensated_add_.register_kernel("cuda")
+def _(hi, lo, product, first):
+    try:
+        from fused_ls.triton.linear import compensated_add_ as triton_compensated_add_
+    except Exception:  # no working Triton: the eager update is still right
+        _eager_compensated_add(hi, lo, product, first)
+        return
+    triton_compensated_add_(hi, lo, product, first)
+
+
+def _eager_compensated_add(hi, lo, product, first):
+    total = product.to(torch.float32, copy=True)  # a scratch copy: the op must not write `product`
+    if not first:
+        total += hi
+        total += lo
+    hi.copy_(total)  # rounded once
+    total -= hi  # exact: hi is total's nearest neighbour in its dtype
+    lo.copy_(total)
 
 
 def _scale_saved(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
@@ -408,7 +453,7 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
-def _check_head(hidden, weight, bias, class_weight, chunk_size):
+def _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulation):
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be tensors")
     if hidden.dim() < 1:
@@ -436,3 +481,5 @@ def _check_head(hidden, weight, bias, class_weight, chunk_size):
         raise ValueError(f"class_weight must be a 1-D tensor of {V} class weights")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if grad_accumulation not in GRAD_ACCUMULATIONS:
+        raise ValueError(f"grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {grad_accumulation!r}")

@@ -4,6 +4,7 @@ float64 reference), on every backend that runs on the test device."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -174,8 +175,9 @@ def test_buffers_poisoned_with_nan_are_fully_overwritten(backend, device, monkey
         _assert_matches_materialised(hidden, weight, bias, target, backend, chunk_size=4, reduction=reduction)
 
 
+@pytest.mark.parametrize("grad_accumulation", ["fp32", "weight_dtype"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_holds_one_chunk_of_logits_at_a_time(device, monkeypatch, dtype):
+def test_holds_one_chunk_of_logits_at_a_time(device, monkeypatch, dtype, grad_accumulation):
     allocated = []
     real_empty = linear_module._empty
 
@@ -186,10 +188,11 @@ def test_holds_one_chunk_of_logits_at_a_time(device, monkeypatch, dtype):
     monkeypatch.setattr(linear_module, "_empty", recording)
     hidden, weight, bias, target = _head((40,), 8, 50, dtype, device)
     w = weight.clone().requires_grad_(True)
-    smoothed_linear_xent(hidden.requires_grad_(True), w, target, bias, chunk_size=16).backward()
-    # one 16 x 50 logits chunk, dL/dh, dL/dW and, in low precision, dL/dW's bf16 compensation
+    smoothed_linear_xent(hidden.requires_grad_(True), w, target, bias, chunk_size=16,
+                         grad_accumulation=grad_accumulation).backward()
+    # one 16 x 50 logits chunk, dL/dh, dL/dW and, compensated in low precision, dL/dW's residual
     expected = [((16, 50), dtype), ((40, 8), dtype), ((50, 8), dtype)]
-    if dtype != torch.float32:
+    if dtype != torch.float32 and grad_accumulation == "fp32":
         expected.append(((50, 8), torch.bfloat16))
     assert sorted(allocated, key=str) == sorted(expected, key=str)
 
@@ -233,6 +236,65 @@ def test_weight_gradient_over_many_chunks_is_rounded_about_once(backend, device,
     our_err = (ours.double() - truth).abs().max().item() / scale
     eager_err = (eager.double() - truth).abs().max().item() / scale
     assert our_err <= eager_err + torch.finfo(dtype).eps / 2, (our_err, eager_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_dtype_accumulation_rounds_dL_dW_once_per_chunk(backend, device, dtype):
+    """grad_accumulation='weight_dtype': the GEMM adds each of the 4 chunks into dL/dW in
+    `dtype`; every other gradient is as with the default."""
+    hidden, weight, bias, target = _head((64,), 16, 96, dtype, device)
+    kwargs = dict(chunk_size=16, backend=backend)
+    fast = _losses_and_grads(smoothed_linear_xent, hidden, weight, bias, target, grad_accumulation="weight_dtype",
+                             **kwargs)
+    exact = _losses_and_grads(smoothed_linear_xent, hidden, weight, bias, target, **kwargs)
+    truth = _losses_and_grads(_materialised, hidden, weight, bias, target)
+    torch.testing.assert_close(fast[0], exact[0], rtol=0, atol=0)
+    for name, i in (("hidden", 0), ("bias", 2)):
+        torch.testing.assert_close(fast[2][i], exact[2][i], rtol=0, atol=0, msg=name)
+    scale = truth[2][1].abs().max().item()
+    exact_err = (exact[2][1].double() - truth[2][1]).abs().max().item() / scale
+    fast_err = (fast[2][1].double() - truth[2][1]).abs().max().item() / scale
+    assert fast_err <= exact_err + 4 * torch.finfo(dtype).eps / 2, (fast_err, exact_err)
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compensated_update_keeps_the_sum_in_the_pair(device, dtype, first):
+    """(hi, lo) += product: hi is the new sum rounded to nearest, hi + lo carries the rest."""
+    n = 3000
+    hi = torch.randn(n, device=device).to(dtype)
+    lo = (torch.randn(n, device=device) * hi.float().abs() * 2**-10).to(torch.bfloat16)
+    product = torch.randn(n, device=device) * torch.logspace(-6, 2, n, device=device)
+    exact = product.double() + (0 if first else hi.double() + lo.double())
+    torch.ops.fused_ls.compensated_add_(hi, lo, product, first)
+    torch.testing.assert_close(hi, exact.to(dtype), rtol=0, atol=0)  # rounded once, to nearest even
+    # 16 significant bits or more, down to fp16's subnormals (where hi itself has fewer)
+    floor = torch.finfo(dtype).smallest_normal * 2**-16
+    torch.testing.assert_close(hi.double() + lo.double(), exact, rtol=2**-16, atol=floor)
+
+
+def test_triton_compensated_update_matches_the_eager_one(device):
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton needs CUDA, or its interpreter")
+    pytest.importorskip("triton")
+    from fused_ls.triton.linear import compensated_add_ as triton_update
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for first in (True, False):
+            hi = torch.randn(5000, device=device).to(dtype)
+            lo = (torch.randn(5000, device=device) * 1e-3).to(torch.bfloat16)
+            product = torch.randn(5000, device=device)
+            ours_hi, ours_lo, eager_hi, eager_lo = hi.clone(), lo.clone(), hi.clone(), lo.clone()
+            triton_update(ours_hi, ours_lo, product, first)
+            linear_module._eager_compensated_add(eager_hi, eager_lo, product, first)
+            torch.testing.assert_close(ours_hi, eager_hi, rtol=0, atol=0)
+            torch.testing.assert_close(ours_lo, eager_lo, rtol=0, atol=0)
+
+
+def test_opcheck_passes_for_the_compensated_update(device):
+    hi = torch.randn(4, 9, device=device).to(torch.bfloat16)
+    lo = torch.zeros(4, 9, device=device, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.fused_ls.compensated_add_, (hi, lo, torch.randn(4, 9, device=device), False))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -353,12 +415,13 @@ def test_module_matches_the_function(backend, device):
 # ----------------------------------------------------------------------------- chunk size and bad input
 
 
-def test_default_chunk_size_bounds_the_logits_by_the_hidden_states_above_a_floor():
-    assert default_chunk_size(4096, 1024, 128256) == MIN_CHUNK_ROWS
+def test_default_chunk_size_scales_with_the_inputs_above_a_floor():
+    assert default_chunk_size(4096, 1024, 128256) == MIN_CHUNK_ROWS == 256
+    assert default_chunk_size(8192, 512, 32000) == 512  # a sixteenth of the tokens
     assert default_chunk_size(100, 512, 32000) == 100  # never more than the tokens
     assert default_chunk_size(0, 512, 32000) == 1
-    big = default_chunk_size(1 << 20, 4096, 1000)  # few classes: chunk logits <= about 2x hidden
-    assert big * 1000 <= 2 * (1 << 20) * 4096 and big >= MIN_CHUNK_ROWS
+    big = default_chunk_size(1 << 20, 4096, 1000)  # few classes: chunk logits <= the hidden states
+    assert big * 1000 <= (1 << 20) * 4096 and big > (1 << 20) // 16
 
 
 @pytest.mark.parametrize(
@@ -370,6 +433,7 @@ def test_default_chunk_size_bounds_the_logits_by_the_hidden_states_above_a_floor
         (lambda a: a.update(bias=a["bias"].double()), TypeError, "same dtype"),
         (lambda a: a.update(class_weight=torch.ones(5)), ValueError, "class_weight"),
         (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
+        (lambda a: a.update(grad_accumulation="bf16"), ValueError, "grad_accumulation"),
         (lambda a: a.update(target=a["target"][:-1]), ValueError, "target shape"),
         (lambda a: a.update(target=a["target"].float()), TypeError, "target"),
         (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
