@@ -49,7 +49,7 @@ def table_rows(doc: dict, modes: tuple[str, ...] = ("fwd+bwd", "fwd")) -> list[l
                 mem = r["peak_extra_bytes"]
                 rows.append([
                     case, mode, r["provider"], _num(r["median_ms"], ".2f"), _gbps(r["gbps"]),
-                    _num(r["pct_of_copy"], ".0f"), _num(r["speedup_vs_eager"], ".2f") + "x",
+                    _num(r["pct_of_copy"], ".0f"), _num(r["speedup_vs_eager"], ".2f") + ("x" if r["speedup_vs_eager"] else ""),
                     _num(None if mem is None else mem / 2**20, ".0f"), _num(r["peak_extra_vs_logits"], ".2f"),
                     _num(r["memory_vs_eager"], ".2f"), _check_cell(r),
                 ])
