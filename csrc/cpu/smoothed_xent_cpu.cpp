@@ -11,10 +11,6 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "../op_common.h"
 #include "smoothed_xent_kernel.h"
 
@@ -43,23 +39,16 @@ const KernelChoice& kernel() {
   return choice;
 }
 
-// A new gradient is as large as the logits, and its first touch costs a page fault per
-// 4 KB page, a large share of the whole op. Transparent huge pages cut that 512-fold;
-// ask for them on the buffer's 2 MB-aligned interior before anything touches it (where
-// THP is "madvise", the common default, nothing else would). Advisory: errors are ignored.
+// A new gradient is as large as the logits, and its first touch costs a page fault and the
+// kernel's zeroing of every 4 KB page, a large share of the whole op. Transparent huge pages
+// (madvise(MADV_HUGEPAGE) on the buffer) cut the fault count 512-fold and made one op alone
+// about 2x cheaper in kernel time here, but in a training-like sequence (eager and compiled
+// steps between ours, as in bench/test_native_cpu.py) the median step became 2.3x slower:
+// each fault zeroes 2 MB, as large as this machine's L2, so the zeroed lines are evicted
+// before the kernel writes them and come back from memory. 4 KB pages are zeroed just before
+// their first write, while still in cache. So the gradient is a plain at::empty.
 at::Tensor empty_gradient(const at::Tensor& logits) {
-  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
-  const uintptr_t end = begin + grad.nbytes();
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = end & ~(kHugePage - 1);
-  if (grad.nbytes() >= 4 * kHugePage && last > first) {
-    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return grad;
+  return at::empty({logits.size(0), logits.size(1)}, logits.options());
 }
 
 void run(PreparedRows& prepared, at::Tensor& grad) {
