@@ -8,8 +8,8 @@ one step is the forward and the backward for hidden and weight (no bias: LM head
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ def _liger_unavailable(device):
         return "Liger-Kernel's Triton kernels need a CUDA device"
     try:
         _liger_class()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (any import failure means: not available)
         return f"liger_kernel is not importable ({type(exc).__name__}: {exc})"
     return None
 

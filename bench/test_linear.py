@@ -89,13 +89,15 @@ def test_linear_head(benchmark, head_case, head_provider, bench_device, bench_se
 def _table(rows: dict[tuple[str, str], dict], env: dict) -> str:
     if not rows:
         return "(no linear-head results)"
+    header = (f"{env.get('date')}; {env.get('device_name')} ({env.get('device')}, {env.get('torch_threads')} "
+              f"threads); torch {env.get('torch')}, triton {env.get('triton')}, fused_ls {env.get('fused_ls')} "
+              f"(backends {env.get('fused_ls_backends')}), commit {env.get('git_commit')}")
+    columns = ("| case | provider | median s | vs materialised | vs torch-lce-chunked | peak extra MiB "
+               "| extra / materialised's | extra / torch-chunked's | check vs materialised |")
     lines = [
-        f"{env.get('date')}; {env.get('device_name')} ({env.get('device')}, {env.get('torch_threads')} threads); "
-        f"torch {env.get('torch')}, triton {env.get('triton')}, fused_ls {env.get('fused_ls')} "
-        f"(backends {env.get('fused_ls_backends')}), commit {env.get('git_commit')}",
+        header,
         "",
-        "| case | provider | median s | vs materialised | vs torch-lce-chunked | peak extra MiB "
-        "| extra / materialised's | extra / torch-chunked's | check vs materialised |",
+        columns,
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (case, provider), info in rows.items():

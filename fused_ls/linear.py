@@ -63,9 +63,9 @@ from __future__ import annotations
 
 import torch
 
-from fused_ls import backends
+from fused_ls import backends, functional
 from fused_ls.backends import FusedOps
-from fused_ls.functional import _backward_may_run_again, _check_arguments, _check_targets, _gradient_scale
+from fused_ls.functional import _backward_may_run_again, _check_arguments, _gradient_scale
 from fused_ls.reference import smoothed_xent_reference
 
 # Below this many rows a chunk's GEMMs (M = C) re-read W for little work: per chunk they do
@@ -74,9 +74,10 @@ from fused_ls.reference import smoothed_xent_reference
 # less). Larger chunks trade memory for that; the floor is set by issue 6's memory target
 # (1/8 of the materialised path at 4096 x 1024 x 128256 in bf16).
 MIN_CHUNK_ROWS = 256
-# Elements of one dL/dW product slab in the low-precision path: its fp32 scratch is a few
-# such buffers, cache-sized on a CPU and a small fraction of the logits chunk on a GPU.
-SLAB_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 22}
+# Elements of one dL/dW product slab in the compensated path: its scratch is two or three
+# fp32 buffers of this size, a small part of issue 6's memory budget. On the CPU, where
+# the update is several eager passes, larger slabs mean fewer (thread-synchronising) ops.
+SLAB_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
 
 
@@ -169,7 +170,7 @@ def smoothed_linear_xent(
     logits_like = hidden.new_empty(()).expand(*hidden.shape[:-1], V)
     _check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention,
                      z_loss, softcap, logit_scale)
-    _check_targets(target, V, ignore_index)
+    functional._check_targets(target, V, ignore_index)  # CPU only; via the module so tests can watch it
     name = backends.resolve(backend, hidden.device)
 
     hidden2d = hidden.reshape(-1, H)
@@ -383,7 +384,7 @@ def _(hi, lo, product, first):
 def _(hi, lo, product, first):
     try:
         from fused_ls.triton.linear import compensated_add_ as triton_compensated_add_
-    except Exception:  # no working Triton: the eager update is still right
+    except Exception:  # noqa: BLE001  (a broken Triton install must not break training: eager is right)
         _eager_compensated_add(hi, lo, product, first)
         return
     triton_compensated_add_(hi, lo, product, first)
@@ -422,11 +423,11 @@ def _rows_inplace(backend: str):
 def _eager_rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index,
                         z_loss, softcap, logit_scale):
     """The row-op contract in eager PyTorch: the reference and autograd on one chunk of rows."""
-    kwargs = dict(
-        weight=weight, ignore_index=ignore_index, reduction="none",
-        convention="others" if smooth_others else "uniform", z_loss=z_loss,
-        softcap=softcap if softcap > 0 else None, logit_scale=logit_scale, return_lse=True,
-    )
+    kwargs = {
+        "weight": weight, "ignore_index": ignore_index, "reduction": "none",
+        "convention": "others" if smooth_others else "uniform", "z_loss": z_loss,
+        "softcap": softcap if softcap > 0 else None, "logit_scale": logit_scale, "return_lse": True,
+    }
     if torch.is_inference_mode_enabled():
         # No autograd here, and no caller of an inference-mode forward reads the gradient.
         loss_rows, lse = smoothed_xent_reference(logits, target, label_smoothing, **kwargs)
