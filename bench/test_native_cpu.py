@@ -119,28 +119,35 @@ def _x(value) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _mem(value) -> str:  # in units of the logits; in place must stay under 0.02
+    return "-" if value is None else f"{value:.3f}x"
+
+
 def format_table(rows: list[dict], env: dict) -> str:
     lines = [
         "## Native CPU kernel, forward+backward (issue 3)",
         "",
-        f"{env['cpu']}, {env['cpu_count']} cores, {THREADS} threads; torch {env['torch']}, Python {env['python']}; "
-        f"fused_ls {env['fused_ls']} ({env.get('git_commit') or 'no git'}); {env['date']}. Medians of "
-        f"{rows[0]['rounds']} rounds taken in turns with the copy; peak extra RSS in a fresh subprocess "
-        "(x logits).",
+        (f"{env['cpu']}, {env['cpu_count']} cores, {THREADS} threads; torch {env['torch']}, Python {env['python']}; "
+         f"fused_ls {env['fused_ls']} ({env.get('git_commit') or 'no git'}); {env['date']}. Medians of "
+         f"{rows[0]['rounds']} rounds taken in turns with the copy; peak extra RSS in a fresh subprocess "
+         "(x logits)."),
         "",
-        "| case | eager ms | compile ms | native ms | in place ms | copy ms | native vs eager | vs compile "
-        "| in place vs eager | in place / copy | eager mem | native mem | in place mem |",
+        ("| case | eager ms | compile ms | native ms | in place ms | copy ms | native vs eager | vs compile "
+         "| in place vs eager | in place / copy | eager mem | native mem | in place mem |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        get = lambda p, k: r.get(p, {}).get(k)  # noqa: E731
+
+        def get(provider, key, r=r):
+            return r.get(provider, {}).get(key)
+
         lines.append(
             f"| {r['case']} | {_ms(get('eager', 'median_ms'))} | {_ms(get('compile', 'median_ms'))} "
             f"| {_ms(get('native', 'median_ms'))} | {_ms(get('native-inplace', 'median_ms'))} | {_ms(r['copy_ms'])} "
             f"| {_x(get('native', 'speedup_vs_eager'))} | {_x(get('native', 'speedup_vs_compile'))} "
             f"| {_x(get('native-inplace', 'speedup_vs_eager'))} | {_x(get('native-inplace', 'time_vs_copy'))} "
-            f"| {_x(get('eager', 'peak_extra_vs_logits'))} | {_x(get('native', 'peak_extra_vs_logits'))} "
-            f"| {_x(get('native-inplace', 'peak_extra_vs_logits'))} |"
+            f"| {_mem(get('eager', 'peak_extra_vs_logits'))} | {_mem(get('native', 'peak_extra_vs_logits'))} "
+            f"| {_mem(get('native-inplace', 'peak_extra_vs_logits'))} |"
         )
     lines += ["", "| target | " + " | ".join(r["case"] for r in rows) + " |",
               "| --- |" + " ---: |" * len(rows)]
@@ -148,7 +155,7 @@ def format_table(rows: list[dict], env: dict) -> str:
         cells = []
         for r in rows:
             t = r["targets"][i]
-            cells.append("-" if t["value"] is None else f"{t['value']:.2f} {'met' if t['met'] else 'MISSED'}")
+            cells.append("-" if t["value"] is None else f"{t['value']:.3g} {'met' if t['met'] else 'MISSED'}")
         lines.append(f"| {label} {'>=' if sense == 'min' else '<='} {bound} | " + " | ".join(cells) + " |")
     errors = [f"{r['case']} {p}: {r[p]['error'] or r[p]['memory_error']}" for r in rows for p in PROVIDERS
               if p in r and (r[p]["error"] or r[p]["memory_error"])]

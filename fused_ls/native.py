@@ -62,7 +62,7 @@ def _import_or_build() -> tuple[ModuleType | None, str]:
         return None, f"{installed_error}, and FUSED_LS_NO_JIT=1 turns off the just-in-time build"
     try:
         return _build_just_in_time(), ""
-    except Exception as exc:  # no compiler, no ninja, a compile error: the other backends still work
+    except Exception as exc:  # noqa: BLE001  (no compiler, no ninja, a compile error: the other backends still work)
         return None, f"{installed_error}, and the just-in-time build failed ({type(exc).__name__}: {exc})"
 
 
