@@ -130,6 +130,7 @@ def plot(doc: dict, path: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     results = [r for r in doc["results"] if r["median_ms"] is not None]
@@ -170,6 +171,9 @@ def plot(doc: dict, path: str) -> bool:
             ax.set_xlabel("vocabulary size V")
             ax.grid(True, which="both", alpha=0.3)
         ax_time.set_yscale("log")  # ratios between providers read as distances
+        ax_time.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax_time.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax_time.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax_mem.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
     env = doc["env"]

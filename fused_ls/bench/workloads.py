@@ -4,8 +4,8 @@ A provider turns (logits, target) into a mean label-smoothed loss whose backward
 logits' gradient upstream. The logits reach it as the output of an op (_LogitsSource, a
 stand-in for the LM head), as in training: that is what lets the in-place variants run,
 and where the gradient arrives, whoever computed it. Providers that overwrite their input
-(fused_ls in place, Liger) get a private copy of the logits, restored by `prepare()`
-outside the timed step.
+(fused_ls in place, Liger) work on a scratch copy of the logits (their own, or one shared
+by the providers of a case), restored by `prepare()` outside the timed step.
 
 A workload is anything with `prepare()` (untimed, before every step) and `step()` (timed):
 the timing and memory helpers in measure.py and rss.py take any such object.
