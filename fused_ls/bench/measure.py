@@ -28,7 +28,8 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -109,7 +110,7 @@ def time_interleaved(workloads: dict[str, Workload], device: torch.device, warmu
                     begin = time.perf_counter()
                     workload.step()
                     pending.append((name, begin, time.perf_counter()))
-            except Exception as exc:  # noqa: PERF203  (one failing workload must not stop the others)
+            except Exception as exc:  # noqa: BLE001  (one failing workload must not stop the others)
                 failed[name] = exc
         if rnd == -1:
             _sync(device)
@@ -159,7 +160,7 @@ def peak_extra_memory(device: torch.device | str, jobs: list[tuple[str, dict]], 
             workload.prepare()
             workload.step()  # warm-up: compilation, autotuning and workspaces stay out
             results.append({"bytes": cuda_peak_extra(workload, device), "method": CUDA_MEMORY_METHOD, "error": None})
-        except Exception as exc:  # one broken job must not lose the others
+        except Exception as exc:  # noqa: BLE001  (one broken job must not lose the others)
             results.append({"bytes": None, "method": CUDA_MEMORY_METHOD, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             workload = None
@@ -223,7 +224,8 @@ def _cpu_model() -> str:
 def _git_commit() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

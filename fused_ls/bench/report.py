@@ -81,8 +81,8 @@ def header(doc: dict) -> str:
     where = env["device_name"] + (f" (CUDA {env.get('cuda')})" if env["device"] == "cuda" else
                                   f", {env['torch_threads']} threads")
     lines = [f"{where}; {versions}; {env['date']}",
-             f"median of {s['repeats']} after {s['warmup']} warm-up; label_smoothing={s['label_smoothing']}, "
-             f"mean reduction; GB/s = (read logits once + write gradient once) / time, fwd only: read once"]
+             (f"median of {s['repeats']} after {s['warmup']} warm-up; label_smoothing={s['label_smoothing']}, "
+              "mean reduction; GB/s = (read logits once + write gradient once) / time, fwd only: read once")]
     if doc.get("copy_ceiling"):
         c = doc["copy_ceiling"]
         lines.append(f"copy ceiling: {c['gbps']:.1f} GB/s ({c['what']}, {c['bytes_per_copy'] / 2**20:.0f} MiB moved)")
@@ -99,9 +99,9 @@ def markdown(doc: dict) -> str:
     text = ["# fused_ls benchmark", "", "```", f"{doc['command']}", "```", ""]
     text += [line + "  " for line in header(doc).splitlines()]
     text += ["", markdown_table(doc), "",
-             "speed-up and mem/eager: eager time / time and extra memory / eager's, same case and mode; "
-             "% copy: GB/s against y.copy_(x) on the same logits; extra: peak memory beyond the inputs "
-             f"({doc['memory_method']})."]
+             ("speed-up and mem/eager: eager time / time and extra memory / eager's, same case and mode; "
+              "% copy: GB/s against y.copy_(x) on the same logits; extra: peak memory beyond the inputs "
+              f"({doc['memory_method']}).")]
     return "\n".join(text) + "\n"
 
 
@@ -148,8 +148,8 @@ def plot(doc: dict, path: str) -> bool:
                             for r in results if (r["dtype"], r["mode"], r["provider"]) == (dtype, mode, provider))
             if not points:
                 continue
-            style = dict(marker="o", color=colours[provider], label=provider,
-                         linestyle="--" if provider.endswith("inplace") else "-")
+            style = {"marker": "o", "color": colours[provider], "label": provider,
+                     "linestyle": "--" if provider.endswith("inplace") else "-"}
             ax_time.plot([p[0] for p in points], [p[1] for p in points], **style)
             mem_points = [p for p in points if p[2] is not None]
             if mem_points:

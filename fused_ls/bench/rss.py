@@ -53,10 +53,10 @@ def measure_jobs(jobs: list[tuple[str, dict]], timeout_s: float = 900) -> list[d
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if os.path.isdir(p))
     env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     payload = json.dumps([[builder, kwargs] for builder, kwargs in jobs])
-    failed = lambda why: [{"bytes": None, "method": METHOD, "error": why} for _ in jobs]  # noqa: E731
+    failed = lambda why: [{"bytes": None, "method": METHOD, "error": why} for _ in jobs]
     try:
         proc = subprocess.run([sys.executable, "-m", "fused_ls.bench.rss"], input=payload, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return failed(f"memory subprocess exceeded {timeout_s:.0f} s")
     results = [json.loads(line[len(_MARK):]) for line in proc.stdout.splitlines() if line.startswith(_MARK)]
@@ -95,7 +95,7 @@ def _child() -> int:
     for builder, kwargs in jobs:
         try:
             result = _measure_one(builder, kwargs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (reported; the next job still runs)
             result = {"bytes": None, "method": METHOD, "error": f"{type(exc).__name__}: {exc}"}
         print(_MARK + json.dumps(result), flush=True)
     return 0

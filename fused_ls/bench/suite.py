@@ -11,13 +11,21 @@ Providers that overwrite their input share one scratch copy of the logits.
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from fused_ls.bench.cases import Case, make_inputs, release_inputs
-from fused_ls.bench.measure import (CUDA_MEMORY_METHOD, CopyWorkload, bytes_moved, cuda_peak_extra, gbps, median,
-                                    peak_extra_memory, time_interleaved)
+from fused_ls.bench.measure import (
+    CUDA_MEMORY_METHOD,
+    CopyWorkload,
+    bytes_moved,
+    cuda_peak_extra,
+    gbps,
+    median,
+    peak_extra_memory,
+    time_interleaved,
+)
 from fused_ls.bench.workloads import LABEL_SMOOTHING, PROVIDERS, LossWorkload, check_against
 
 LOSS_BUILDER = "fused_ls.bench.workloads:loss_workload"
@@ -59,7 +67,7 @@ def run_case(case: Case, providers: list[str], modes: list[str], device: torch.d
                 workloads[name] = workload
             else:
                 errors[name] = "result differs from eager beyond tolerance: not timed"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (a provider that raises is reported, the others go on)
             checks[name], errors[name] = None, _error(exc)
             _release(device)
         workload = None
@@ -92,7 +100,7 @@ def run_case(case: Case, providers: list[str], modes: list[str], device: torch.d
                     try:
                         result.update(peak_extra_bytes=cuda_peak_extra(contenders[name], device),
                                       memory_method=CUDA_MEMORY_METHOD)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001  (reported beside the timing)
                         result["memory_error"] = _error(exc)
                         _release(device)
             results.append(result)

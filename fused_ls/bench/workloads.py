@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +115,7 @@ def _liger_unavailable(device: torch.device) -> str | None:
         return "TRITON_INTERPRET=1 is set"
     try:
         _liger_module()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (any broken install means: not available)
         return f"liger_kernel is not importable ({type(exc).__name__}: {exc})"
     return None
 
