@@ -55,6 +55,13 @@ def cxx_compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def cxx_std_flag(cxx: str) -> str:
+    """-std=c++20, as torch >= 2.10 builds extensions, unless the compiler lacks it (gcc < 10)."""
+    probe = subprocess.run([cxx, "-std=c++20", "-x", "c++", "-fsyntax-only", os.devnull],
+                           capture_output=True, check=False)
+    return "-std=c++20" if probe.returncode == 0 else "-std=c++17"
+
+
 def kernel_isas() -> list[str]:
     """The instruction sets to compile the CPU kernel for on this platform."""
     if sys.platform != "win32" and platform.machine().lower() in ("x86_64", "amd64"):
@@ -101,7 +108,7 @@ def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) 
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     common = [
-        *CXX_FLAGS, "-fPIC", "-std=c++20",
+        *CXX_FLAGS, "-fPIC", cxx_std_flag(cxx),
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{p}" for p in include_paths()), f"-I{csrc}",
     ]
