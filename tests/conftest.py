@@ -1,11 +1,12 @@
 import os
 
-# The Triton kernels run on the CPU through Triton's interpreter; it must be chosen
-# before triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run on the CPU through Triton's interpreter; it must be
+# chosen before triton is first imported (importing torch does not import triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fused_ls import available_backends  # noqa: E402
 
