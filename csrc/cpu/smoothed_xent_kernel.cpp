@@ -241,9 +241,9 @@ class RowKernel {
     for (int64_t k = 0; k < num_chunks_; ++k) m = nan_max(m, chunk_[k].max);
     acc_t s = 0, deviation = 0;  // deviation = sum_c w_c (m - y_c)
     for (int64_t k = 0; k < num_chunks_; ++k) {
-      const ChunkStats& c = chunk_[k];
-      chunk_[k].to_row = std::exp(c.shift - m);
-      s += c.sum_exp * chunk_[k].to_row;
+      ChunkStats& c = chunk_[k];
+      c.to_row = std::exp(c.shift - m);
+      s += c.sum_exp * c.to_row;
       deviation += (m - c.shift) * c.weight - c.sum_wd;
     }
     const acc_t log_s = std::log(s);
