@@ -55,6 +55,10 @@ PyModuleDef module_def = {
     "fused_ls native kernels; importing this module registers the fused_ls::smoothed_xent_rows ops.",
     -1,
     methods,
+    nullptr,  // m_slots
+    nullptr,  // m_traverse
+    nullptr,  // m_clear
+    nullptr,  // m_free
 };
 
 }  // namespace
