@@ -69,8 +69,10 @@ def table(request):
 
 # Not named `case`: bench/conftest.py parametrises that name with the device's default set.
 @pytest.mark.parametrize("issue_case", CASES, ids=[c.name for c in CASES])
-def test_native_cpu_against_eager_and_compile(issue_case, benchmark, bench_seed, bench_rounds, bench_memory_enabled,
-                                              record_env, table):
+def test_native_cpu_against_eager_and_compile(issue_case, benchmark, bench_device, bench_seed, bench_rounds,
+                                              bench_memory_enabled, record_env, table):
+    if bench_device.type != "cpu":
+        pytest.skip("issue 3's table is a CPU benchmark: run it with --bench-device cpu")
     case = issue_case
     runnable, skipped = select_providers(torch.device("cpu"), PROVIDERS)
     if "native" not in runnable:
