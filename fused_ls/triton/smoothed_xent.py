@@ -62,6 +62,19 @@ def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap,
+                HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """(mask, transformed logits, class weights) for the lanes `offs` of one row."""
+    mask = offs < V
+    y = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        w = 1.0
+    return mask, y, w
+
+
+@triton.jit
 def _to_output(g, out_ty: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr):
     """Round the fp32 gradient once, to nearest-even, into the output dtype."""
     if EMULATE_RTNE_BF16:
@@ -123,12 +136,7 @@ def smoothed_xent_fwd_kernel(
     sum_wy = 0.0
     y_t = 0.0
     if SINGLE_PASS:
-        mask = offs0 < V
-        y = _transform(tl.load(logits_row + offs0, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + offs0, mask=mask, other=0.0).to(ACC)
-        else:
-            w = 1.0
+        mask, y, w = _load_chunk(logits_row, weight_ptr, offs0, V, logit_scale, softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
         y_masked = tl.where(mask, y, -float("inf"))
         m = tl.max(y_masked, axis=0)
         s = tl.sum(tl.exp(y_masked - m), axis=0)
@@ -137,12 +145,7 @@ def smoothed_xent_fwd_kernel(
     else:
         for start in range(0, V, BLOCK):
             offs = start + offs0
-            mask = offs < V
-            yc = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
-            if HAS_WEIGHT:
-                wc = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
-            else:
-                wc = 1.0
+            mask, yc, wc = _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
             yc_masked = tl.where(mask, yc, -float("inf"))
             m_new = tl.maximum(m, tl.max(yc_masked, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(yc_masked - m_new), axis=0)
@@ -170,12 +173,7 @@ def smoothed_xent_fwd_kernel(
     else:
         for start in range(0, V, BLOCK):
             offs = start + offs0
-            mask = offs < V
-            yc = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
-            if HAS_WEIGHT:
-                wc = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
-            else:
-                wc = 1.0
+            mask, yc, wc = _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
             g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
             tl.store(grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
 
