@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default: %(default)s). A second thread can help on idle cores, "
+                             "but on cores shared with other jobs two threads ran this demo 5-10x slower than one "
+                             "(OpenMP threads spin waiting for each other); with more threads, set "
+                             "OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument("--device", default="cpu", help="torch device to train on (default: %(default)s)")
     parser.add_argument("--backend", default="auto", help="smoothed_xent backend (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
