@@ -74,10 +74,11 @@ from fused_ls.reference import smoothed_xent_reference
 # less). Larger chunks trade memory for that; the floor is set by issue 6's memory target
 # (1/8 of the materialised path at 4096 x 1024 x 128256 in bf16).
 MIN_CHUNK_ROWS = 256
-# Elements of one dL/dW product slab in the compensated path: its scratch is two or three
-# fp32 buffers of this size, a small part of issue 6's memory budget. On the CPU, where
-# the update is several eager passes, larger slabs mean fewer (thread-synchronising) ops.
-SLAB_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 22}
+# Elements of one dL/dW product slab in the compensated path: its scratch is the product and
+# two fp32 buffers of this size (24 MiB on the CPU, 40 MiB on CUDA), within issue 6's memory
+# budget next to the 2VH-byte residual. On the CPU, where the update is several eager passes,
+# much smaller slabs would mean many more thread-synchronising ops.
+SLAB_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
 
 
