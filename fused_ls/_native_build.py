@@ -3,7 +3,7 @@
 The extension has three parts:
   * csrc/ops.cpp and csrc/cpu/smoothed_xent_cpu.cpp, compiled the usual way (BuildExtension
     or torch.utils.cpp_extension.load);
-  * the CPU kernel csrc/cpu/smoothed_xent_kernel.cpp, compiled here once per x86 instruction
+  * the CPU kernels csrc/cpu/*_kernel.cpp (CPU_KERNELS), compiled here once per x86 instruction
     set (DEFAULT, AVX2, AVX512) with that set's flags, as ATen builds its own kernels: the
     extension then picks one at run time, so it never needs -march=native and runs on any
     x86-64 CPU. Neither setuptools nor cpp_extension.load takes per-file flags, hence this step;
@@ -23,10 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-CPU_SOURCES = ("ops.cpp", "cpu/smoothed_xent_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu/smoothed_xent_cpu.cpp", "cpu/compensated_add_cpu.cpp")
 CUDA_SOURCES = ("cuda/smoothed_xent_kernel.cu", "cuda/smoothed_xent_cuda.cpp")
-CPU_KERNEL = "cpu/smoothed_xent_kernel.cpp"
-CPU_KERNEL_HEADERS = ("smoothed_xent.h", "cpu/smoothed_xent_kernel.h")
+# Compiled once per instruction set; the headers they include (hashed into the objects' names).
+CPU_KERNELS = ("cpu/smoothed_xent_kernel.cpp", "cpu/compensated_add_kernel.cpp")
+CPU_KERNEL_HEADERS = ("smoothed_xent.h", "cpu/smoothed_xent_kernel.h", "cpu/compensated_add_kernel.h", "cpu/vec_io.h")
 
 # The flags of each instruction set (those ATen's kernels use, plus what every CPU of the set
 # has). The extension selects a variant from at::get_cpu_capability(), which requires
@@ -92,7 +93,7 @@ def cuda_build_reason() -> str | None:
 
 
 def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) -> list[str]:
-    """Compile the CPU kernel once per instruction set into build_dir; return the objects.
+    """Compile the CPU kernels once per instruction set into build_dir; return the objects.
 
     Up-to-date objects (named by a hash of sources, flags, compiler and torch) are reused.
     The DEFAULT object comes first: where the variants share an inline function (from c10,
@@ -113,7 +114,7 @@ def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) 
         *(f"-I{p}" for p in include_paths()), f"-I{csrc}",
     ]
     digest = hashlib.sha256()
-    for name in (CPU_KERNEL, *CPU_KERNEL_HEADERS):
+    for name in (*CPU_KERNELS, *CPU_KERNEL_HEADERS):
         digest.update((csrc / name).read_bytes())
     digest.update(" ".join([cxx, torch.__version__, *common]).encode())
 
@@ -122,16 +123,17 @@ def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) 
         flags = [*common, f"-DCPU_CAPABILITY={isa}", *([f"-DCPU_CAPABILITY_{isa}"] if isa != "DEFAULT" else [])]
         flags += X86_ISA_FLAGS.get(isa, [])
         tag = hashlib.sha256(digest.digest() + " ".join(flags).encode()).hexdigest()[:16]
-        obj = build_dir / f"smoothed_xent_kernel_{isa}_{tag}.o"
-        if obj.exists():
-            jobs.append((obj, None, None))
-            continue
-        tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-        cmd = [cxx, *flags, "-c", str(csrc / CPU_KERNEL), "-o", str(tmp)]
-        if verbose:
-            print(" ".join(cmd), file=sys.stderr)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        jobs.append((obj, tmp, proc))
+        for kernel in CPU_KERNELS:
+            obj = build_dir / f"{Path(kernel).stem}_{isa}_{tag}.o"
+            if obj.exists():
+                jobs.append((obj, None, None))
+                continue
+            tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
+            cmd = [cxx, *flags, "-c", str(csrc / kernel), "-o", str(tmp)]
+            if verbose:
+                print(" ".join(cmd), file=sys.stderr)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            jobs.append((obj, tmp, proc))
 
     failures = []
     for obj, tmp, proc in jobs:
@@ -146,5 +148,5 @@ def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) 
             if verbose and output:
                 print(output, file=sys.stderr)
     if failures:
-        raise RuntimeError("compiling the fused_ls CPU kernel failed:\n" + "\n".join(failures))
+        raise RuntimeError("compiling the fused_ls CPU kernels failed:\n" + "\n".join(failures))
     return [str(obj) for obj, _, _ in jobs]

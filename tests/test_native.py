@@ -392,3 +392,84 @@ def test_cuda_kernel_matches_the_oracle_on_a_gpu(dtype, shape):
         torch.testing.assert_close(loss.double(), true_loss, rtol=rtol * 10, atol=atol * N)
         rtol, atol = GRAD_TOL[dtype]
         torch.testing.assert_close(grad.detach().double(), true_grad, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------- the CPU kernel of the linear head's dL/dW update
+
+
+def _compensated_update_cases(seed: int):
+    """(hi, lo, product, first): every dtype pair the CPU kernel takes, lengths with and without
+    a vector tail and past one parallel task (65536), and inf, fp16 overflow, NaN and zero."""
+    g = torch.Generator().manual_seed(seed)
+    for hi_dtype in (torch.bfloat16, torch.float16):
+        for product_dtype in (hi_dtype, torch.float32):
+            for n in (1, 31, 32, 33, 4099, 70001):
+                for first in (True, False):
+                    hi = (torch.randn(n, generator=g) * 300).to(hi_dtype)
+                    lo = (torch.randn(n, generator=g) * 0.05).to(torch.bfloat16)
+                    product = (torch.randn(n, generator=g) * torch.logspace(-8, 4, n)).to(product_dtype)
+                    special = torch.tensor([float("inf"), 65504.0, float("nan"), 0.0, -65504.0])[:n]
+                    product[: special.numel()] = special.to(product_dtype)
+                    yield hi, lo, product, first
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@needs_native
+def test_cpu_compensated_update_is_bit_for_bit_the_eager_definition():
+    from fused_ls import linear
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_ls::compensated_add_", "CPU")
+    for hi, lo, product, first in _compensated_update_cases(seed=torch.seed() % 2**31):
+        ours_hi, ours_lo, eager_hi, eager_lo = hi.clone(), lo.clone(), hi.clone(), lo.clone()
+        torch.ops.fused_ls.compensated_add_(ours_hi, ours_lo, product, first)
+        linear._eager_compensated_add(eager_hi, eager_lo, product, first)
+        where = f"{hi.dtype} += {product.dtype}, n={hi.numel()}, first={first}"
+        assert _same_bits(ours_hi, eager_hi), where
+        assert _same_bits(ours_lo, eager_lo), where
+
+
+@needs_native
+def test_cpu_compensated_update_takes_any_layout_and_dtype_through_its_general_path():
+    from fused_ls import linear
+
+    hi = torch.randn(40, 64).to(torch.bfloat16)[:, ::2]  # strided
+    lo = (torch.randn(32, 40) * 1e-3).to(torch.bfloat16).t()
+    product = torch.randn(40, 32, dtype=torch.float64)
+    expected_hi, expected_lo = hi.clone(), lo.clone()
+    linear._eager_compensated_add(expected_hi, expected_lo, product, False)
+    torch.ops.fused_ls.compensated_add_(hi, lo, product, False)  # the strided views, in place
+    assert _same_bits(hi, expected_hi) and _same_bits(lo, expected_lo)
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.fused_ls.compensated_add_(hi, lo, product[:, :5], False)
+
+
+def _compensated_isa_script() -> str:
+    return "\n".join([
+        "import os, sys, torch",
+        "sys.path.insert(0, 'tests')",
+        "from fused_ls import linear, native",
+        "from test_native import _compensated_update_cases, _same_bits",
+        "assert native.load()[0], native.load()[1]",
+        "for hi, lo, product, first in _compensated_update_cases(seed=1):",
+        "    a, b, c, d = hi.clone(), lo.clone(), hi.clone(), lo.clone()",
+        "    torch.ops.fused_ls.compensated_add_(a, b, product, first)",
+        "    linear._eager_compensated_add(c, d, product, first)",
+        "    assert _same_bits(a, c) and _same_bits(b, d), (hi.dtype, product.dtype, hi.numel(), first)",
+        "print(native.cpu_kernel_isa())",
+    ])
+
+
+@needs_native
+def test_every_instruction_set_variant_of_the_compensated_update_is_bit_for_bit_eager():
+    compiled = native._STATE["native"][0].CPU_KERNEL_ISAS.split(",")
+    for capability in ("default", "avx2", "avx512"):
+        if capability.upper() not in compiled:
+            continue
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        result = subprocess.run([sys.executable, "-c", _compensated_isa_script()], check=True, env=env, cwd=ROOT,
+                                timeout=300, capture_output=True, text=True)
+        if capability == "default":
+            assert result.stdout.strip() == "DEFAULT"

@@ -4,40 +4,17 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include "../op_common.h"
+#include "isa.h"
 #include "smoothed_xent_kernel.h"
 
 namespace fused_ls::cpu {
 namespace {
-
-struct KernelChoice {
-  RowsFn fn;
-  const char* isa;
-};
-
-KernelChoice choose_kernel() {
-  // torch's own choice for this CPU, which honours ATEN_CPU_CAPABILITY.
-  const std::string capability = at::get_cpu_capability();
-#ifdef FUSED_LS_CPU_AVX512
-  if (capability == "AVX512") return {&AVX512::smoothed_xent_rows, "AVX512"};
-#endif
-#ifdef FUSED_LS_CPU_AVX2
-  if (capability == "AVX512" || capability == "AVX2") return {&AVX2::smoothed_xent_rows, "AVX2"};
-#endif
-  return {&DEFAULT::smoothed_xent_rows, "DEFAULT"};
-}
-
-const KernelChoice& kernel() {
-  static const KernelChoice choice = choose_kernel();
-  return choice;
-}
 
 // A new gradient is as large as the logits, and its first touch costs a page fault and the
 // kernel's zeroing of every 4 KB page, a large share of the whole op. Transparent huge pages
@@ -57,7 +34,7 @@ void run(PreparedRows& prepared, at::Tensor& grad) {
   p.grad = grad.data_ptr();
   p.grad_row_stride = grad.stride(0);
   if (p.num_rows == 0) return;
-  const RowsFn fn = kernel().fn;
+  static const RowsFn fn = FUSED_LS_SELECT_VARIANT(smoothed_xent_rows);
   // Rows per task: enough logits (64k) to amortise a task's scratch set-up.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / p.num_classes);
   at::parallel_for(0, p.num_rows, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
@@ -93,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> smoothed_xent_rows_inplace_cpu(
 
 }  // namespace
 
-const char* selected_kernel_isa() { return kernel().isa; }
+const char* selected_kernel_isa() { return selected_isa(); }
 
 const char* compiled_kernel_isas() {
   return "DEFAULT"

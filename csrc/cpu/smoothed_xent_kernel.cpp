@@ -26,6 +26,7 @@
 // p_t - k_t never passes through the low-precision dtype. A target outside [0, V) is never
 // used as an index: its row's loss is NaN and its gradient 0.
 #include "smoothed_xent_kernel.h"
+#include "vec_io.h"
 
 #include <algorithm>
 #include <cmath>
@@ -49,62 +50,8 @@ namespace {
 using at::vec::Vectorized;
 
 // Logits per chunk of pass 1: a chunk (8 KB of fp32) and its exps stay in L1 between the
-// max and the exp. A multiple of every kStep below.
+// max and the exp. A multiple of every RowIo<>::kStep (vec_io.h).
 constexpr int64_t kChunk = 2048;
-
-// Loads and stores kStep logits as two accumulator vectors (one reduced-precision vector
-// holds exactly two fp32 vectors' worth).
-template <typename scalar_t>
-struct RowIo {  // float, double: the accumulator type itself
-  using acc_t = scalar_t;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kLanes = Vec::size();
-  static constexpr int64_t kStep = 2 * kLanes;
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kLanes);
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    a = Vec::loadu(p, std::min(n, kLanes));
-    b = n > kLanes ? Vec::loadu(p + kLanes, n - kLanes) : Vec(acc_t(0));
-  }
-  static void store(scalar_t* p, const Vec& a, const Vec& b) {
-    a.store(p);
-    b.store(p + kLanes);
-  }
-  static void store_partial(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    a.store(p, static_cast<int>(std::min(n, kLanes)));
-    if (n > kLanes) b.store(p + kLanes, static_cast<int>(n - kLanes));
-  }
-};
-
-template <typename reduced_t>
-struct ReducedRowIo {  // bfloat16, float16: converted to fp32 on load, rounded (RNE) on store
-  using acc_t = float;
-  using Vec = Vectorized<float>;
-  using ReducedVec = Vectorized<reduced_t>;
-  static constexpr int64_t kLanes = Vec::size();
-  static constexpr int64_t kStep = ReducedVec::size();
-  static_assert(kStep == 2 * kLanes, "a reduced-precision vector must hold two fp32 vectors");
-
-  static void load(const reduced_t* p, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<reduced_t>(ReducedVec::loadu(p));
-  }
-  static void load_partial(const reduced_t* p, int64_t n, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<reduced_t>(ReducedVec::loadu(p, n));
-  }
-  static void store(reduced_t* p, const Vec& a, const Vec& b) {
-    at::vec::convert_from_float<reduced_t>(a, b).store(p);
-  }
-  static void store_partial(reduced_t* p, int64_t n, const Vec& a, const Vec& b) {
-    at::vec::convert_from_float<reduced_t>(a, b).store(p, static_cast<int>(n));
-  }
-};
-template <>
-struct RowIo<c10::BFloat16> : ReducedRowIo<c10::BFloat16> {};
-template <>
-struct RowIo<c10::Half> : ReducedRowIo<c10::Half> {};
 
 // exp(d) for d <= 0, the only arguments pass 1 has (d = y - max), in fp32: Cody and Waite's
 // range reduction d = n ln2 + r, |r| <= ln2 / 2, then a degree-6 polynomial for e^r fitted
