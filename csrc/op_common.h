@@ -33,14 +33,15 @@ struct PreparedRows {
   at::Tensor target;      // int64, contiguous
   at::Tensor weight;      // acc dtype, contiguous; undefined without class weights
   at::Tensor weight_sum;  // 0-d acc
-  at::Tensor grad_scale;  // 0-d acc
+  at::Tensor grad_scale;  // 0-d acc; undefined for the loss-only op
   at::Tensor loss;        // (N,) acc
   at::Tensor lse;         // (N,) acc
   RowsProblem problem;
 };
 
+// `grad_scale` is absent for the loss-only op, which writes no gradient.
 inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& target,
-                                 const std::optional<at::Tensor>& weight, const at::Tensor& grad_scale,
+                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad_scale,
                                  double label_smoothing, bool smooth_others, int64_t ignore_index, double z_loss,
                                  double softcap, double logit_scale) {
   TORCH_CHECK(logits.dim() == 2, "fused_ls: logits must be 2-D (rows, classes), got shape ", logits.sizes());
@@ -55,10 +56,12 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
               "fused_ls: target must be int64 or int32, got ", target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), "fused_ls: target is on ", target.device(), ", logits on ",
               logits.device());
-  TORCH_CHECK(grad_scale.numel() == 1 && at::isFloatingType(grad_scale.scalar_type()),
-              "fused_ls: grad_scale must be a floating-point scalar tensor");
-  TORCH_CHECK(grad_scale.device() == logits.device(), "fused_ls: grad_scale is on ", grad_scale.device(),
-              ", logits on ", logits.device());
+  if (grad_scale.has_value()) {
+    TORCH_CHECK(grad_scale->numel() == 1 && at::isFloatingType(grad_scale->scalar_type()),
+                "fused_ls: grad_scale must be a floating-point scalar tensor");
+    TORCH_CHECK(grad_scale->device() == logits.device(), "fused_ls: grad_scale is on ", grad_scale->device(),
+                ", logits on ", logits.device());
+  }
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fused_ls: label_smoothing must be in [0, 1], got ",
               label_smoothing);
   TORCH_CHECK(softcap >= 0.0, "fused_ls: softcap must be > 0 (or 0 for none), got ", softcap);
@@ -79,7 +82,7 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
     const at::ScalarType sum_dtype = weight->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     out.weight_sum = weight->sum(sum_dtype).to(acc);
   }
-  out.grad_scale = grad_scale.to(acc).reshape({}).contiguous();
+  if (grad_scale.has_value()) out.grad_scale = grad_scale->to(acc).reshape({}).contiguous();
   out.loss = at::empty({num_rows}, logits.options().dtype(acc));
   out.lse = at::empty({num_rows}, logits.options().dtype(acc));
 
@@ -92,7 +95,7 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
   p.target = out.target.data_ptr<int64_t>();
   p.weight = out.weight.defined() ? out.weight.data_ptr() : nullptr;
   p.weight_sum = out.weight_sum.defined() ? out.weight_sum.data_ptr() : nullptr;
-  p.grad_scale = out.grad_scale.data_ptr();
+  p.grad_scale = out.grad_scale.defined() ? out.grad_scale.data_ptr() : nullptr;
   p.loss = out.loss.data_ptr();
   p.lse = out.lse.data_ptr();
   p.num_rows = num_rows;

@@ -24,6 +24,12 @@ TORCH_LIBRARY(fused_ls, m) {
       "smoothed_xent_rows_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
       "float label_smoothing, bool smooth_others, int ignore_index, float z_loss, float softcap, "
       "float logit_scale) -> (Tensor loss_rows, Tensor lse)");
+  // The loss and lse alone, for a forward that needs no gradient (evaluation, no_grad): the
+  // same first pass, and not a byte of gradient written or allocated.
+  m.def(
+      "smoothed_xent_rows_loss(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, "
+      "bool smooth_others, int ignore_index, float z_loss, float softcap, float logit_scale) "
+      "-> (Tensor loss_rows, Tensor lse)");
 }
 
 namespace {
@@ -52,7 +58,7 @@ PyMethodDef methods[] = {
 PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     FUSED_LS_STR(TORCH_EXTENSION_NAME),
-    "fused_ls native kernels; importing this module registers the fused_ls::smoothed_xent_rows ops.",
+    "fused_ls native kernels; importing this module registers the fused_ls::smoothed_xent_rows* ops.",
     -1,
     methods,
     nullptr,  // m_slots

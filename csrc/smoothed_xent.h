@@ -26,12 +26,14 @@ struct RowsProblem {
   ScalarKind dtype;
   const void* logits;          // (num_rows, num_classes), unit stride along a row
   int64_t logits_row_stride;   // in elements; any value (int64: rows x V may pass 2^31)
-  void* grad;                  // (num_rows, num_classes), logits' dtype; may be `logits` (in place)
+  void* grad;                  // (num_rows, num_classes), logits' dtype; may be `logits` (in place);
+                               // nullptr: the loss and lse only, no gradient pass
   int64_t grad_row_stride;
   const int64_t* target;       // (num_rows,)
   const void* weight;          // (num_classes,) acc, or nullptr for no class weights
   const void* weight_sum;      // 0-d acc, sum of `weight`; read only with `weight`
-  const void* grad_scale;      // 0-d acc, multiplies the whole gradient (1/normaliser of a mean)
+  const void* grad_scale;      // 0-d acc, multiplies the whole gradient (1/normaliser of a mean);
+                               // nullptr with `grad`
   void* loss;                  // (num_rows,) acc
   void* lse;                   // (num_rows,) acc
   int64_t num_rows;

@@ -4,10 +4,11 @@ Choice order: the `backend=` argument, else the FUSED_LS_BACKEND environment var
 else "auto": Triton for CUDA tensors, the native C++/CUDA extension next, eager PyTorch
 last. An explicit choice that cannot run raises and says what is missing.
 
-Each fused backend is a pair of torch.library ops with one schema (see csrc/ops.cpp):
+Each fused backend is three torch.library ops with one schema each (see csrc/ops.cpp):
     rows(logits, target, weight?, grad_scale, label_smoothing, smooth_others,
          ignore_index, z_loss, softcap, logit_scale) -> (loss_rows, lse, grad)
     rows_(...same, logits mutated into the gradient...) -> (loss_rows, lse)
+    rows_loss(...same without grad_scale...) -> (loss_rows, lse)      no gradient at all
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ BACKENDS = ("triton", "native", "torch")
 class FusedOps:
     rows: Callable
     rows_inplace: Callable
+    rows_loss: Callable  # the loss and lse only, for a forward that needs no gradient
 
 
 # Probed once per process. A plain dict rather than functools.cache, because torch.compile
@@ -51,7 +53,8 @@ def _probe_triton() -> tuple[FusedOps | None, str]:
         from fused_ls.triton import smoothed_xent  # noqa: F401  (registers the ops)
     except Exception as exc:  # a broken Triton install must not break the package
         return None, f"Triton could not be imported ({type(exc).__name__}: {exc})"
-    return FusedOps(torch.ops.fused_ls.smoothed_xent_rows_triton, torch.ops.fused_ls.smoothed_xent_rows_triton_), ""
+    ops = torch.ops.fused_ls
+    return FusedOps(ops.smoothed_xent_rows_triton, ops.smoothed_xent_rows_triton_, ops.smoothed_xent_rows_loss_triton), ""
 
 
 def _probe_native() -> tuple[FusedOps | None, str]:
@@ -60,7 +63,8 @@ def _probe_native() -> tuple[FusedOps | None, str]:
     ok, why = native.load()
     if not ok:
         return None, why
-    return FusedOps(torch.ops.fused_ls.smoothed_xent_rows, torch.ops.fused_ls.smoothed_xent_rows_), ""
+    ops = torch.ops.fused_ls
+    return FusedOps(ops.smoothed_xent_rows, ops.smoothed_xent_rows_, ops.smoothed_xent_rows_loss), ""
 
 
 def _triton_runs_on(device: torch.device) -> bool:

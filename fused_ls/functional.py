@@ -126,10 +126,16 @@ def smoothed_xent(
     grad_scale = _gradient_scale(target1d, weight, ignore_index, reduction, normalizer, V, acc_dtype)
     if weight is not None and weight.dtype != torch.float64:
         weight = weight.float()
-    loss, lse = _FusedSmoothedXent.apply(
-        logits2d, target1d, weight, grad_scale, reduction, float(label_smoothing), convention == "others",
-        int(ignore_index), float(z_loss), float(softcap or 0.0), float(logit_scale), inplace_backward, name,
-    )
+    row_args = (float(label_smoothing), convention == "others", int(ignore_index), float(z_loss),
+                float(softcap or 0.0), float(logit_scale))
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss, lse = _FusedSmoothedXent.apply(logits2d, target1d, weight, grad_scale, reduction, *row_args,
+                                             inplace_backward, name)
+    else:
+        # No gradient will be read (evaluation, no_grad): the loss-only op reads the logits
+        # once and neither allocates nor writes a gradient.
+        loss_rows, lse = backends.fused_ops(name).rows_loss(logits2d, target1d, weight, *row_args)
+        loss = _reduce_rows(loss_rows, reduction, grad_scale)
     if reduction == "none":
         loss = loss.view(target.shape)
     if return_lse:
@@ -165,14 +171,7 @@ class _FusedSmoothedXent(torch.autograd.Function):
             grad = logits
         else:
             loss_rows, lse, grad = ops.rows(logits, *args)
-        if reduction == "none":
-            loss = loss_rows
-        elif reduction == "sum":
-            loss = loss_rows.sum()
-        elif logits.shape[0] == 0:
-            loss = loss_rows.sum() / 0.0  # PyTorch's mean of an empty batch
-        else:
-            loss = loss_rows.sum() * grad_scale
+        loss = _reduce_rows(loss_rows, reduction, grad_scale)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -181,6 +180,18 @@ class _FusedSmoothedXent(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors
         return (_scale_saved_gradient(grad, grad_loss),) + (None,) * 12
+
+
+def _reduce_rows(loss_rows: torch.Tensor, reduction: str, grad_scale: torch.Tensor) -> torch.Tensor:
+    """The per-row losses reduced; for a mean, `grad_scale` is 1/denominator (0 when every row
+    is ignored: a zero loss, not NaN)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    if loss_rows.shape[0] == 0:
+        return loss_rows.sum() / 0.0  # PyTorch's mean of an empty batch
+    return loss_rows.sum() * grad_scale
 
 
 def _scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:

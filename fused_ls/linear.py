@@ -64,7 +64,7 @@ import torch
 
 from fused_ls import backends, functional
 from fused_ls.backends import FusedOps
-from fused_ls.functional import _backward_may_run_again, _check_arguments, _gradient_scale
+from fused_ls.functional import _backward_may_run_again, _check_arguments, _gradient_scale, _reduce_rows
 from fused_ls.reference import smoothed_xent_reference
 
 # Below this many rows a chunk's GEMMs (M = C) re-read W for little work: per chunk they do
@@ -235,12 +235,7 @@ class _LinearSmoothedXent(torch.autograd.Function):
             hidden, weight, bias, target, class_weight, grad_scale, None,
             plan, row_args, need_hidden, need_weight, need_bias,
         )
-        if reduction == "sum":
-            loss = loss_rows.sum()
-        elif hidden.shape[0] == 0:
-            loss = loss_rows.sum() / 0.0  # PyTorch's mean of an empty batch
-        else:
-            loss = loss_rows.sum() * grad_scale
+        loss = _reduce_rows(loss_rows, reduction, grad_scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -273,7 +268,10 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
     N, H = hidden.shape
     V = weight.shape[0]
     acc_dtype = _accumulation_dtype(hidden.dtype)
-    rows_inplace = _rows_inplace(backend)
+    # With no gradient asked for (evaluation, and the forward of reduction="none"), the
+    # loss-only row op: the logits are read once and nothing is written over them.
+    loss_only = row_scale is None and not (need_hidden or need_weight or need_bias)
+    rows_op = _rows_loss(backend) if loss_only else _rows_inplace(backend)
     compiling = torch.compiler.is_compiling()
     # dL/db is V floats: summed in fp32 (fp64) whatever the inputs' dtype.
     bias_acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -297,10 +295,13 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
                     torch.mm(h, weight_t, out=logits)
                 else:
                     torch.addmm(bias, h, weight_t, out=logits)
-            loss_rows, lse = rows_inplace(logits, target[start:stop], class_weight, grad_scale, *row_args)
+            if loss_only:
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, *row_args)
+            else:
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, grad_scale, *row_args)
             losses.append(loss_rows)
             lses.append(lse)
-            grad = logits  # the row op wrote g over the logits
+            grad = logits  # the row op wrote g over the logits (unless loss_only: nothing reads it)
             if row_scale is not None:
                 torch.ops.fused_ls.scale_rows_(grad, row_scale[start:stop])
             if need_hidden:
@@ -426,18 +427,33 @@ def _rows_inplace(backend: str):
     return ops.rows_inplace
 
 
-def _eager_rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index,
-                        z_loss, softcap, logit_scale):
-    """The row-op contract in eager PyTorch: the reference and autograd on one chunk of rows."""
-    kwargs = {
+def _rows_loss(backend: str):
+    if backend == "torch":
+        return _eager_rows_loss
+    ops: FusedOps = backends.fused_ops(backend)
+    return ops.rows_loss
+
+
+def _reference_kwargs(weight, smooth_others, ignore_index, z_loss, softcap, logit_scale) -> dict:
+    return {
         "weight": weight, "ignore_index": ignore_index, "reduction": "none",
         "convention": "others" if smooth_others else "uniform", "z_loss": z_loss,
         "softcap": softcap if softcap > 0 else None, "logit_scale": logit_scale, "return_lse": True,
     }
-    if torch.is_inference_mode_enabled():
-        # No autograd here, and no caller of an inference-mode forward reads the gradient.
-        loss_rows, lse = smoothed_xent_reference(logits, target, label_smoothing, **kwargs)
-        return loss_rows, lse
+
+
+def _eager_rows_loss(logits, target, weight, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
+                     logit_scale):
+    """The loss-only row op in eager PyTorch: the reference, no gradient."""
+    kwargs = _reference_kwargs(weight, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    with torch.no_grad():
+        return smoothed_xent_reference(logits, target, label_smoothing, **kwargs)
+
+
+def _eager_rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index,
+                        z_loss, softcap, logit_scale):
+    """The row-op contract in eager PyTorch: the reference and autograd on one chunk of rows."""
+    kwargs = _reference_kwargs(weight, smooth_others, ignore_index, z_loss, softcap, logit_scale)
     with torch.enable_grad():
         x = logits.detach().requires_grad_(True)
         loss_rows, lse = smoothed_xent_reference(x, target, label_smoothing, **kwargs)

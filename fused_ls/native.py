@@ -7,9 +7,10 @@ directory ($FUSED_LS_CACHE_DIR, default ~/.cache/fused_ls/<python-torch-device t
 says so in one line; later processes load the cached build. FUSED_LS_NO_JIT=1 turns the
 just-in-time build off. Whatever fails, the package still imports and the other backends work.
 
-Importing the extension registers the ops fused_ls::smoothed_xent_rows and
-fused_ls::smoothed_xent_rows_ (schema in csrc/ops.cpp); this module adds their fake
-implementations, for torch.compile and opcheck.
+Importing the extension registers the ops fused_ls::smoothed_xent_rows, smoothed_xent_rows_
+and smoothed_xent_rows_loss (schema in csrc/ops.cpp) and a CPU kernel for
+fused_ls::compensated_add_ (fused_ls/linear.py); this module adds the fake implementations
+of the first three, for torch.compile and opcheck.
 """
 
 from __future__ import annotations
@@ -126,4 +127,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_ls::smoothed_xent_rows_")
     def _(logits, target, weight, grad_scale, *args):
+        return _row_outputs(logits)
+
+    @torch.library.register_fake("fused_ls::smoothed_xent_rows_loss")
+    def _(logits, target, weight, *args):
         return _row_outputs(logits)

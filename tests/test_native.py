@@ -292,8 +292,9 @@ _SCALAR_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
 
 
 def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=False, others=False, z_loss=0.0,
-                  softcap=0.0, logit_scale=1.0, grad_scale=0.5, ignore_index=-100):
-    """What the CUDA op would return, buffers poisoned with NaN as csrc/op_common.h prepares them."""
+                  softcap=0.0, logit_scale=1.0, grad_scale=0.5, ignore_index=-100, loss_only=False):
+    """What the CUDA op would return, buffers poisoned with NaN as csrc/op_common.h prepares them;
+    with `loss_only`, what the loss-only op would (no gradient, grad None)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     N, V = logits.shape
     target = target.long().contiguous()
@@ -302,12 +303,13 @@ def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=F
     scale = torch.tensor(grad_scale, dtype=acc)
     loss = torch.full((N,), math.nan, dtype=acc)
     lse = torch.full((N,), math.nan, dtype=acc)
-    grad = logits if inplace else torch.full((N, V), math.nan, dtype=logits.dtype)
+    grad = None if loss_only else logits if inplace else torch.full((N, V), math.nan, dtype=logits.dtype)
     k_s, k_t = smoothing_masses(eps, V, others)
     problem = _RowsProblem(
-        _SCALAR_KIND[logits.dtype], logits.data_ptr(), logits.stride(0), grad.data_ptr(), grad.stride(0),
-        target.data_ptr(), None if w is None else w.data_ptr(), None if w_sum is None else w_sum.data_ptr(),
-        scale.data_ptr(), loss.data_ptr(), lse.data_ptr(), N, V, ignore_index, k_s, k_t, z_loss, softcap, logit_scale,
+        _SCALAR_KIND[logits.dtype], logits.data_ptr(), logits.stride(0), None if grad is None else grad.data_ptr(),
+        0 if grad is None else grad.stride(0), target.data_ptr(), None if w is None else w.data_ptr(),
+        None if w_sum is None else w_sum.data_ptr(), None if grad is None else scale.data_ptr(), loss.data_ptr(),
+        lse.data_ptr(), N, V, ignore_index, k_s, k_t, z_loss, softcap, logit_scale,
     )
     lib.fused_ls_emulated_workspace_bytes.restype = ctypes.c_ulong
     workspace = torch.empty(max(lib.fused_ls_emulated_workspace_bytes(ctypes.byref(problem), blocks_per_row), 1), dtype=torch.uint8)
@@ -351,6 +353,26 @@ def test_cuda_kernels_run_on_the_cpu_match_the_oracle(emulated_cuda, case):
     torch.testing.assert_close(loss.double(), true_rows, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
     assert_matches_truth(loss.double().sum(), grad, true_loss, true_grad, dtype)
     assert (grad[1] == 0).all() and loss[1] == 0  # the ignored row
+
+
+@pytest.mark.parametrize("case", list(EMULATED_CASES))
+def test_cuda_loss_only_kernels_give_the_full_kernels_loss_and_lse_and_write_nothing_else(emulated_cuda, case):
+    dtype, V, pad, blocks, _, weighted, features = EMULATED_CASES[case]
+    N = 5
+    logits = (torch.randn(N, V + pad, dtype=torch.float64) * 3).to(dtype)[:, :V]
+    before = logits.clone()
+    target = torch.randint(0, V, (N,))
+    target[1], target[2], target[4] = -100, V - 1, V + 7  # ignored, last class, out of range
+    weight = (torch.rand(V, dtype=torch.float64) + 0.5).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    kwargs = {"others": features.get("others", False), "z_loss": features.get("z_loss", 0.0),
+              "softcap": features.get("softcap", 0.0), "logit_scale": features.get("logit_scale", 1.0)}
+    weight = weight if weighted else None
+    full_loss, full_lse, _ = _run_emulated(emulated_cuda, logits.clone(), target, weight, 0.1, blocks, **kwargs)
+    loss, lse, grad = _run_emulated(emulated_cuda, logits, target, weight, 0.1, blocks, loss_only=True, **kwargs)
+    assert grad is None
+    torch.testing.assert_close(loss, full_loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse, full_lse, rtol=0, atol=0)
+    assert torch.equal(logits, before)
 
 
 def test_cuda_kernel_never_reads_an_out_of_range_target(emulated_cuda):

@@ -26,6 +26,24 @@ def test_opcheck_passes_for_the_inplace_row_op(fused_backend, device):
     torch.library.opcheck(fused_ops(fused_backend).rows_inplace, _op_args(device))
 
 
+@pytest.mark.parametrize("weight", [False, True])
+def test_opcheck_passes_for_the_loss_only_row_op(fused_backend, device, weight):
+    logits, target, w, _grad_scale, *row_args = _op_args(device, weight=weight)
+    torch.library.opcheck(fused_ops(fused_backend).rows_loss, (logits, target, w, *row_args))
+
+
+def test_compiled_evaluation_has_no_graph_break(fused_backend, device):
+    logits = torch.randn(6, 40, device=device)
+    target = torch.randint(0, 40, (6,), device=device)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def evaluate(x, t):
+        with torch.no_grad():
+            return smoothed_xent(x, t, 0.1, backend=fused_backend)
+
+    torch.testing.assert_close(evaluate(logits, target), smoothed_xent(logits, target, 0.1, backend=fused_backend))
+
+
 def test_opcheck_passes_for_the_row_scale_op(device):
     torch.library.opcheck(torch.ops.fused_ls.scale_rows_, (torch.randn(4, 9, device=device), torch.randn(4, device=device)))
 

@@ -1,4 +1,4 @@
-// CPU implementation of fused_ls::smoothed_xent_rows and smoothed_xent_rows_: checks,
+// CPU implementation of fused_ls::smoothed_xent_rows, smoothed_xent_rows_ and smoothed_xent_rows_loss: checks,
 // allocation, at::parallel_for over rows, and the choice of the kernel's instruction set.
 #include "smoothed_xent_cpu.h"
 
@@ -29,10 +29,13 @@ at::Tensor empty_gradient(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(1)}, logits.options());
 }
 
-void run(PreparedRows& prepared, at::Tensor& grad) {
+// `grad` undefined: the loss and lse only.
+void run(PreparedRows& prepared, const at::Tensor& grad) {
   RowsProblem& p = prepared.problem;
-  p.grad = grad.data_ptr();
-  p.grad_row_stride = grad.stride(0);
+  if (grad.defined()) {
+    p.grad = grad.data_ptr();
+    p.grad_row_stride = grad.stride(0);
+  }
   if (p.num_rows == 0) return;
   static const RowsFn fn = FUSED_LS_SELECT_VARIANT(smoothed_xent_rows);
   // Rows per task: enough logits (64k) to amortise a task's scratch set-up.
@@ -68,6 +71,17 @@ std::tuple<at::Tensor, at::Tensor> smoothed_xent_rows_inplace_cpu(
   return {prepared.loss, prepared.lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> smoothed_xent_rows_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, bool smooth_others, int64_t ignore_index, double z_loss, double softcap,
+    double logit_scale) {
+  check_cpu(logits);
+  PreparedRows prepared = prepare_rows(logits, target, weight, std::nullopt, label_smoothing, smooth_others,
+                                       ignore_index, z_loss, softcap, logit_scale);
+  run(prepared, at::Tensor());
+  return {prepared.loss, prepared.lse};
+}
+
 }  // namespace
 
 const char* selected_kernel_isa() { return selected_isa(); }
@@ -86,6 +100,7 @@ const char* compiled_kernel_isas() {
 TORCH_LIBRARY_IMPL(fused_ls, CPU, m) {
   m.impl("smoothed_xent_rows", &smoothed_xent_rows_cpu);
   m.impl("smoothed_xent_rows_", &smoothed_xent_rows_inplace_cpu);
+  m.impl("smoothed_xent_rows_loss", &smoothed_xent_rows_loss_cpu);
 }
 
 }  // namespace fused_ls::cpu

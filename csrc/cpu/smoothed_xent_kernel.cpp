@@ -18,7 +18,7 @@
 // constant to every logit changes nothing, and nothing large is subtracted.
 //
 // Memory traffic per row (b = bytes per logit): read V*b, write V*b (in place: into lines
-// pass 1 just read). Scratch: 4V bytes (8V with softcap, which keeps y to avoid a second
+// pass 1 just read; nothing for the loss-only op, which stops after pass 1). Scratch: 4V bytes (8V with softcap, which keeps y to avoid a second
 // tanh) per thread, reused across rows; the class weights (4V) are shared by all rows.
 //
 // The gradient of each element is computed in fp32 (fp64 for fp64 logits) and rounded once;
@@ -150,7 +150,7 @@ class RowKernel {
         z_loss_(static_cast<acc_t>(p.z_loss)),
         softcap_(static_cast<acc_t>(kHasSoftcap ? p.softcap : 1.0)),
         logit_scale_(static_cast<acc_t>(p.logit_scale)),
-        grad_scale_(*static_cast<const acc_t*>(p.grad_scale)),
+        grad_scale_(p.grad_scale != nullptr ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1)),
         weight_sum_(kHasWeight ? *static_cast<const acc_t*>(p.weight_sum) : static_cast<acc_t>(p.num_classes)),
         padded_V_((p.num_classes + kStep - 1) / kStep * kStep),
         e_(aligned_buffer<acc_t>(padded_V_)),
@@ -171,7 +171,7 @@ class RowKernel {
   // `prefetch_next_row`: whether row + 1 is this thread's next row, to be fetched meanwhile.
   void run(int64_t row, bool prefetch_next_row) {
     const scalar_t* x = logits_ + row * logits_row_stride_;
-    scalar_t* g = grad_ + row * grad_row_stride_;
+    scalar_t* g = grad_ != nullptr ? grad_ + row * grad_row_stride_ : nullptr;
     const int64_t t = target_[row];
     const bool ignored = t == ignore_index_;
     const bool in_range = 0 <= t && t < V_;
@@ -209,6 +209,7 @@ class RowKernel {
     loss_[row] = ignored ? acc_t(0) : in_range ? loss : std::numeric_limits<acc_t>::quiet_NaN();
     lse_[row] = lse;
 
+    if (g == nullptr) return;  // the loss-only op
     if (!valid) {
       zero_row(g);
       return;

@@ -1,4 +1,4 @@
-// CUDA implementation of fused_ls::smoothed_xent_rows and smoothed_xent_rows_: the torch side
+// CUDA implementation of fused_ls::smoothed_xent_rows, smoothed_xent_rows_ and smoothed_xent_rows_loss: the torch side
 // of the raw launcher in smoothed_xent_kernel.cu. Compiled only into a CUDA build (setup.py,
 // or the just-in-time build, with a CUDA torch and nvcc). Runs on the current stream, with no
 // host synchronisation, so it can be captured in a CUDA graph.
@@ -15,10 +15,13 @@
 namespace fused_ls::cuda {
 namespace {
 
-void run(PreparedRows& prepared, at::Tensor& grad, const at::Tensor& logits) {
+// `grad` undefined: the loss and lse only.
+void run(PreparedRows& prepared, const at::Tensor& grad, const at::Tensor& logits) {
   RowsProblem& p = prepared.problem;
-  p.grad = grad.data_ptr();
-  p.grad_row_stride = grad.stride(0);
+  if (grad.defined()) {
+    p.grad = grad.data_ptr();
+    p.grad_row_stride = grad.stride(0);
+  }
   if (p.num_rows == 0) return;
   int num_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, logits.get_device()));
@@ -61,11 +64,24 @@ std::tuple<at::Tensor, at::Tensor> smoothed_xent_rows_inplace_cuda(
   return {prepared.loss, prepared.lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> smoothed_xent_rows_loss_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    double label_smoothing, bool smooth_others, int64_t ignore_index, double z_loss, double softcap,
+    double logit_scale) {
+  check_cuda(logits);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  PreparedRows prepared = prepare_rows(logits, target, weight, std::nullopt, label_smoothing, smooth_others,
+                                       ignore_index, z_loss, softcap, logit_scale);
+  run(prepared, at::Tensor(), logits);
+  return {prepared.loss, prepared.lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ls, CUDA, m) {
   m.impl("smoothed_xent_rows", &smoothed_xent_rows_cuda);
   m.impl("smoothed_xent_rows_", &smoothed_xent_rows_inplace_cuda);
+  m.impl("smoothed_xent_rows_loss", &smoothed_xent_rows_loss_cuda);
 }
 
 }  // namespace fused_ls::cuda

@@ -19,7 +19,8 @@
 // of the second kernel reads nothing of the row outside its own slice.
 //
 // Memory traffic per row (b = bytes per logit): read 2*V*b, write V*b (+ 4V for weights,
-// cached across rows); the split path adds 12 bytes per block to the workspace.
+// cached across rows); the split path adds 12 bytes per block to the workspace. The loss-only
+// op (grad == nullptr) stops after pass 1: read V*b, write 8 bytes.
 //
 // Ignored rows: loss 0, gradient 0. A target outside [0, V) is never dereferenced: loss NaN,
 // gradient 0, and no host synchronisation is needed to report it.
@@ -309,12 +310,13 @@ template <typename scalar_t, int kVec, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_rows_kernel(const Params<acc_t> p) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
-  scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
   const RowInputs<acc_t> in = row_inputs(x, row, p);
   const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, 0, p.num_classes, in.ref, p);
   __shared__ RowConstants<acc_t> constants;
   if (threadIdx.x == 0) constants = finish_row(p, row, part, in, true);
+  if (p.grad == nullptr) return;  // the loss-only op: thread 0 has written the loss and lse
   __syncthreads();  // every read of the row is done: pass 2 may overwrite it
+  scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
   block_gradient<scalar_t, kVec>(x, g, 0, p.num_classes, constants, p);
 }
 
@@ -343,17 +345,20 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_split_gradient_kern
                                                                                    const RowInputs<acc_t>* inputs) {
   const int64_t row = blockIdx.x / p.blocks_per_row;
   const int split = blockIdx.x % p.blocks_per_row;
+  // The loss-only op needs one block per row here, to write the loss and lse.
+  if (p.grad == nullptr && split != 0) return;
   const int64_t c0 = split * p.columns_per_block;
   const int64_t c1 = c0 + p.columns_per_block < p.num_classes ? c0 + p.columns_per_block : p.num_classes;
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
-  scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
   __shared__ RowConstants<acc_t> constants;
   if (threadIdx.x == 0) {
     Partial<acc_t> part = partials[row * p.blocks_per_row];
     for (int b = 1; b < p.blocks_per_row; ++b) part = combine(part, partials[row * p.blocks_per_row + b]);
     constants = finish_row(p, row, part, inputs[row], split == 0);
   }
+  if (p.grad == nullptr) return;
   __syncthreads();
+  scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
   // Only this block's slice of the row is read here: the others may be writing theirs.
   if (c0 < c1) block_gradient<scalar_t, kVec>(x, g, c0, c1, constants, p);
 }

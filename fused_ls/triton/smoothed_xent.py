@@ -32,7 +32,9 @@ Memory traffic per row (b = bytes per logit)
     V <= single-block limit:  read V*b, write V*b (+ V*4 for weights, cached across rows)
     larger rows:              read 2*V*b (the second pass re-reads the row, mostly from L2),
                               write V*b
-Nothing else of size V is written: the loss and lse are 4 bytes per row.
+Nothing else of size V is written: the loss and lse are 4 bytes per row. The loss-only op
+(WRITE_GRAD=False, for a forward that needs no gradient) stops after pass 1: read V*b, no
+write of size V, and no gradient buffer allocated.
 """
 
 from __future__ import annotations
@@ -101,11 +103,11 @@ def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, lse, grad_scale, logit_
 @triton.jit
 def smoothed_xent_fwd_kernel(
     logits_ptr,        # (N, V) any float dtype, unit stride along V
-    grad_ptr,          # (N, V) gradient out, logits' dtype; may be logits_ptr itself (in place)
+    grad_ptr,          # (N, V) gradient out, logits' dtype; may be logits_ptr itself (in place); unused without WRITE_GRAD
     target_ptr,        # (N,) int32 or int64
     weight_ptr,        # (V,) class weights, read only when HAS_WEIGHT
     weight_sum_ptr,    # 0-d, sum of the class weights, read only when HAS_WEIGHT
-    grad_scale_ptr,    # 0-d, multiplies the whole gradient (1/normaliser for a mean)
+    grad_scale_ptr,    # 0-d, multiplies the whole gradient (1/normaliser for a mean); read only with WRITE_GRAD
     loss_ptr,          # (N,) per-row loss out
     lse_ptr,           # (N,) per-row logsumexp of the transformed logits out
     stride_logits_row, stride_grad_row,
@@ -114,6 +116,7 @@ def smoothed_xent_fwd_kernel(
     z_loss, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,  # False: the loss and lse only (pass 1), no gradient
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
@@ -121,7 +124,6 @@ def smoothed_xent_fwd_kernel(
     t = tl.load(target_ptr + row).to(tl.int64)
     ignored = t == ignore_index
     in_range = (t >= 0) & (t < V)
-    grad_scale = tl.load(grad_scale_ptr).to(ACC)
     if HAS_WEIGHT:
         weight_sum = tl.load(weight_sum_ptr).to(ACC)
         w_t = tl.load(weight_ptr + t, mask=in_range & ~ignored, other=0.0).to(ACC)
@@ -167,15 +169,20 @@ def smoothed_xent_fwd_kernel(
     tl.store(lse_ptr + row, lse)
 
     # Pass 2: the gradient, rounded once to the output dtype.
-    if SINGLE_PASS:
-        g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
-        tl.store(grad_row + offs0, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
-    else:
-        for start in range(0, V, BLOCK):
-            offs = start + offs0
-            mask, yc, wc = _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
-            g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap, HAS_SOFTCAP)
-            tl.store(grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
+    if WRITE_GRAD:
+        grad_scale = tl.load(grad_scale_ptr).to(ACC)
+        if SINGLE_PASS:
+            g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap,
+                              HAS_SOFTCAP)
+            tl.store(grad_row + offs0, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
+        else:
+            for start in range(0, V, BLOCK):
+                offs = start + offs0
+                mask, yc, wc = _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap, HAS_SOFTCAP,
+                                           HAS_WEIGHT, ACC)
+                g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap,
+                                  HAS_SOFTCAP)
+                tl.store(grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
 
 
 @triton.jit
@@ -218,8 +225,8 @@ def smoothed_xent_rows_out(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     weight_sum: torch.Tensor | None,
-    grad_scale: torch.Tensor,
-    grad_out: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
     loss_out: torch.Tensor,
     lse_out: torch.Tensor,
     k_s: float,
@@ -229,23 +236,27 @@ def smoothed_xent_rows_out(
     softcap: float,
     logit_scale: float,
 ) -> None:
-    """Launch the fused kernel, writing into the given buffers (grad_out may be logits)."""
+    """Launch the fused kernel, writing into the given buffers (grad_out may be logits).
+
+    With grad_out None (and grad_scale None) only the loss and lse are computed."""
     N, V = logits.shape
     if N == 0:
         return
     block, single, num_warps = _launch_config(V, logits.dtype)
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     has_weight = weight is not None
+    write_grad = grad_out is not None
+    unused = loss_out  # a valid pointer for the arguments a launch never reads
     smoothed_xent_fwd_kernel[(N,)](
-        logits, grad_out, target,
-        weight if has_weight else grad_scale, weight_sum if has_weight else grad_scale,
-        grad_scale, loss_out, lse_out,
-        logits.stride(0), grad_out.stride(0),
+        logits, grad_out if write_grad else logits, target,
+        weight if has_weight else unused, weight_sum if has_weight else unused,
+        grad_scale if write_grad else unused, loss_out, lse_out,
+        logits.stride(0), grad_out.stride(0) if write_grad else 0,
         V, ignore_index,
         k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, logit_scale,
         HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0,
-        BLOCK=block, SINGLE_PASS=single, ACC=acc, EMULATE_RTNE_BF16=_emulate_rtne(grad_out),
-        num_warps=num_warps,
+        BLOCK=block, SINGLE_PASS=single, ACC=acc, EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out),
+        WRITE_GRAD=write_grad, num_warps=num_warps,
     )
 
 
@@ -291,6 +302,17 @@ def smoothed_xent_rows_(
     return loss, lse
 
 
+@torch.library.custom_op("fused_ls::smoothed_xent_rows_loss_triton", mutates_args=())
+def smoothed_xent_rows_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+    label_smoothing: float, smooth_others: bool, ignore_index: int,
+    z_loss: float, softcap: float, logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse = _row_outputs(logits)
+    _run(logits, target, weight, None, None, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    return loss, lse
+
+
 def _row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = logits.shape[0]
@@ -312,4 +334,9 @@ def _(logits, target, weight, grad_scale, *args):
 
 @smoothed_xent_rows_.register_fake
 def _(logits, target, weight, grad_scale, *args):
+    return _row_outputs(logits)
+
+
+@smoothed_xent_rows_loss.register_fake
+def _(logits, target, weight, *args):
     return _row_outputs(logits)
