@@ -16,12 +16,16 @@
 #   5. python -m fused_ls bench on CUDA: bf16 then fp32, 16384 x {32000, 50257, 128256,
 #      256000} and 256 x 1000000; eager, torch.compile, triton, native (CUDA), in place,
 #      Liger; the copy ceiling; checked against eager   -> bench.json, bench.md, bench.png
-# Everything lands in OUT_DIR: 7 files, flat (the device tool returns at most 8).
+#   6. the fused linear head (bench/test_linear.py, issue 6's table): 4096x1024x128256 and
+#      8192x512x32000, fp32 and bf16, against the materialised path, torch's
+#      F.linear_cross_entropy and Liger's fused linear CE            -> linear.md
+# Everything lands in OUT_DIR: 8 files, flat (the device tool returns at most 8).
 # Without a GPU (and without --dry-run) it says so and exits 0.
 #
 # Knobs (environment): PYTHON (default python3), FUSED_LS_GPU_BUDGET_S (450),
-# FUSED_LS_GPU_BUILD_S (200), FUSED_LS_GPU_TEST_S (120, less if the build ran long: the bench
-# keeps FUSED_LS_GPU_BENCH_MIN_S, 150), FUSED_LS_GPU_PYTEST_ARGS (extra
+# FUSED_LS_GPU_BUILD_S (200), FUSED_LS_GPU_TEST_S (120, less if the build ran long: the two
+# benchmarks keep FUSED_LS_GPU_BENCH_MIN_S, 150), FUSED_LS_GPU_LINEAR_S (90, of those 150, for
+# step 6), FUSED_LS_GPU_PYTEST_ARGS (extra
 # pytest arguments, e.g. "-k triton"), FUSED_LS_GPU_SKIP_TESTS=1, FUSED_LS_GPU_BENCH_ARGS
 # (extra bench arguments, e.g. "--dtypes bf16").
 set -uo pipefail
@@ -88,6 +92,8 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1  # nothing is reachable: fail fast
 export FUSED_LS_CACHE_DIR=$WORK/cache TRITON_CACHE_DIR=$WORK/triton-cache
 unset FUSED_LS_BACKEND
+# the installed copy is outside the checkout: the result tables take the commit from here
+FUSED_LS_GIT_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) && export FUSED_LS_GIT_COMMIT
 
 # ---------------------------------------------------------------------------- 1. environment
 log "fused_ls GPU run: repo $REPO, out $OUT, work $WORK, budget ${BUDGET}s$([ $DRY = 1 ] && echo ', DRY RUN on the CPU')"
@@ -191,10 +197,23 @@ if [ $DRY = 1 ]; then
 else
     BENCH_ARGS+=(--device cuda --providers eager,compile,triton,triton-inplace,native,native-inplace,liger)
 fi
-BENCH_CAP=$((BUDGET - $(elapsed) - RESERVE))
+LINEAR_S=${FUSED_LS_GPU_LINEAR_S:-90}
+BENCH_CAP=$((BUDGET - $(elapsed) - RESERVE - LINEAR_S))
 # the bench starts no new case after --budget-s, leaving time to finish the one it is in
 step bench "$BENCH_CAP" "$LOG" "$PY" -m fused_ls bench "${BENCH_ARGS[@]}" --budget-s $((BENCH_CAP - 75 > 30 ? BENCH_CAP - 75 : 30)) \
     ${FUSED_LS_GPU_BENCH_ARGS:-}
+
+# ---------------------------------------------------------------------------- 6. linear head
+# pytest prints the table when it ends, and SIGINT (the step's time-out) ends it with what it has.
+if [ $DRY = 1 ]; then
+    LINEAR_ENV=(FUSED_LS_BENCH_LINEAR_SHAPES=64x32x1000 FUSED_LS_BENCH_LINEAR_DTYPES=fp32)
+    LINEAR_ARGS=(--bench-device cpu --bench-rounds 2)
+else
+    LINEAR_ENV=()
+    LINEAR_ARGS=(--bench-device cuda --bench-rounds 5)
+fi
+step linear "$((BUDGET - $(elapsed) - RESERVE))" "$LOG" env "${LINEAR_ENV[@]}" FUSED_LS_BENCH_LINEAR_OUT="$OUT/linear.md" \
+    "$PY" -m pytest "$SRC/bench/test_linear.py" -q -s -p no:cacheprovider "${LINEAR_ARGS[@]}"
 
 # ---------------------------------------------------------------------------- summary
 command -v nvidia-smi >/dev/null 2>&1 &&
@@ -209,6 +228,7 @@ SLUG=$(echo "${GPU_NAME:-gpu}" | tr '[:upper:]' '[:lower:]' | sed -e 's/nvidia//
     echo "  outputs in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
     echo "  commit them under bench/results/${SLUG}-$(date -u +%Y-%m-%d)/ (see bench/README.md)"
     [ -f "$OUT/bench.md" ] && sed -n '/^| case/,$p' "$OUT/bench.md"
+    [ -f "$OUT/linear.md" ] && cat "$OUT/linear.md"
 } | tee -a "$LOG"
 rm -rf "$WORK"
 exit 0

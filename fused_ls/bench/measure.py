@@ -222,6 +222,9 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    # bench/gpu.sh runs an installed copy, outside the checkout: it passes the commit on.
+    if os.environ.get("FUSED_LS_GIT_COMMIT"):
+        return os.environ["FUSED_LS_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
