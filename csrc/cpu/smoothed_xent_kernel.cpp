@@ -26,28 +26,16 @@
 // p_t - k_t never passes through the low-precision dtype. A target outside [0, V) is never
 // used as an index: its row's loss is NaN and its gradient 0.
 #include "smoothed_xent_kernel.h"
-#include "vec_io.h"
 
-#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <memory>
-#include <tuple>
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#ifndef CPU_CAPABILITY
-#error "compile with -DCPU_CAPABILITY=DEFAULT, AVX2 or AVX512 (see fused_ls/_native_build.py)"
-#endif
+#include "vec_io.h"  // at::vec, c10's BFloat16 and Half, and the CPU_CAPABILITY check
 
 namespace fused_ls::cpu::CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 // Logits per chunk of pass 1: a chunk (8 KB of fp32) and its exps stay in L1 between the
 // max and the exp. A multiple of every RowIo<>::kStep (vec_io.h).
