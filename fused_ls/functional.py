@@ -128,12 +128,14 @@ def smoothed_xent(
         weight = weight.float()
     row_args = (float(label_smoothing), convention == "others", int(ignore_index), float(z_loss),
                 float(softcap or 0.0), float(logit_scale))
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (logits, weight, grad_scale)):
+        # (class weights and a tensor normalizer are not differentiated, but a loss built
+        # from them keeps its graph, as in PyTorch)
         loss, lse = _FusedSmoothedXent.apply(logits2d, target1d, weight, grad_scale, reduction, *row_args,
                                              inplace_backward, name)
     else:
-        # No gradient will be read (evaluation, no_grad): the loss-only op reads the logits
-        # once and neither allocates nor writes a gradient.
+        # No gradient can be asked for (evaluation, no_grad): the loss-only op reads the
+        # logits once and neither allocates nor writes a gradient.
         loss_rows, lse = backends.fused_ops(name).rows_loss(logits2d, target1d, weight, *row_args)
         loss = _reduce_rows(loss_rows, reduction, grad_scale)
     if reduction == "none":

@@ -33,6 +33,8 @@ void compensated_add_cpu(at::Tensor& hi, at::Tensor& lo, const at::Tensor& produ
               "fused_ls::compensated_add_: hi, lo and product must have one shape, got ", hi.sizes(), ", ",
               lo.sizes(), " and ", product.sizes());
   at::assert_no_overlap(hi, lo);
+  at::assert_no_partial_overlap(hi, product);  // the eager definition reads all of product first
+  at::assert_no_partial_overlap(lo, product);
   at::assert_no_internal_overlap(hi);
   at::assert_no_internal_overlap(lo);
   if (!kernel_takes(hi, lo, product)) {
