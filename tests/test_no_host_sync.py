@@ -285,6 +285,19 @@ def test_forward_and_backward_never_sync(backend, device, case, cpu_target_check
     torch.testing.assert_close(grad.double(), x.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_evaluation_never_syncs(backend, device, case, cpu_target_check_allowed):
+    logits, target = _inputs(device)
+    kwargs = _case_kwargs(case, logits.shape[1], device)
+    with torch.no_grad():
+        smoothed_xent(logits, target, 0.1, backend=backend, **kwargs)  # warm-up
+        with cpu_target_check_allowed():
+            loss = smoothed_xent(logits, target, 0.1, backend=backend, **kwargs)
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    ref = smoothed_xent_reference(logits.double(), target, 0.1, **kwargs)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+
+
 def test_inplace_backward_never_syncs(fused_backend, device, cpu_target_check_allowed):
     logits, target = _inputs(device)
     W = torch.randn(16, logits.shape[1], device=device, requires_grad=True)
@@ -532,6 +545,21 @@ def test_cuda_forward_and_backward_pass_sync_debug_mode_error(backend, case, dty
         loss = smoothed_xent(x * 1.0, target, 0.1, backend=backend, **kwargs)
         loss.backward(upstream if kwargs["reduction"] == "none" else None)
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_evaluation_passes_sync_debug_mode_error(backend, case):
+    logits, target = _inputs("cuda", n=64, V=1000)
+    kwargs = _case_kwargs(case, logits.shape[1], "cuda")
+    with torch.no_grad():
+        smoothed_xent(logits, target, 0.1, backend=backend, **kwargs)  # warm-up: JIT-compile the kernels
+        torch.cuda.synchronize()
+        with _sync_debug_mode_error():
+            loss = smoothed_xent(logits, target, 0.1, backend=backend, **kwargs)
+    assert torch.isfinite(loss).all()
 
 
 @pytest.mark.gpu
