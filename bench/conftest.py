@@ -8,7 +8,7 @@ Options (pytest bench --help, group "fused_ls bench"):
     --bench-shapes 4096x32000,1024x128256:bf16   default: the device's set (fused_ls.bench.cases)
     --bench-dtypes fp32,bf16     dtypes for shapes that name none
     --bench-providers eager,native,...           default: every registered provider
-    --bench-modes fwd+bwd,fwd    default: both
+    --bench-modes fwd+bwd,fwd    default: both; eval: under torch.no_grad()
     --bench-rounds N             timed rounds (median reported); default 5 cpu, 10 cuda
     --bench-no-memory            skip peak-memory measurements
 
@@ -35,7 +35,7 @@ import torch
 
 from fused_ls.bench.cases import select_cases
 from fused_ls.bench.measure import as_workload, environment, peak_extra_memory
-from fused_ls.bench.workloads import MODES, PROVIDERS, select_providers
+from fused_ls.bench.workloads import DEFAULT_MODES, PROVIDERS, select_providers
 
 
 def pytest_addoption(parser):
@@ -44,7 +44,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-shapes", help="ROWSxCLASSES[:dtype],... (default: the device's set)")
     group.addoption("--bench-dtypes", help="dtypes for shapes that name none, e.g. fp32,bf16")
     group.addoption("--bench-providers", help=f"subset of {','.join(PROVIDERS)}")
-    group.addoption("--bench-modes", default=",".join(MODES), help="subset of fwd+bwd,fwd")
+    group.addoption("--bench-modes", default=",".join(DEFAULT_MODES), help="subset of fwd+bwd,fwd,eval")
     group.addoption("--bench-rounds", type=int, help="timed rounds per benchmark")
     group.addoption("--bench-no-memory", action="store_true", help="skip peak-memory measurements")
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fused_ls.bench.workloads import liger_unavailable
+
 LABEL_SMOOTHING = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Norm-wise relative difference from the materialised path that passes the check.
@@ -69,13 +71,7 @@ def _fused_ls(grad_accumulation: str):
 
 
 def _liger_unavailable(device):
-    if device.type != "cuda":
-        return "Liger-Kernel's Triton kernels need a CUDA device"
-    try:
-        _liger_class()
-    except Exception as exc:  # noqa: BLE001  (any import failure means: not available)
-        return f"liger_kernel is not importable ({type(exc).__name__}: {exc})"
-    return None
+    return liger_unavailable(device, _liger_class)
 
 
 def _liger_class():

@@ -19,7 +19,7 @@ from fused_ls.bench import report
 from fused_ls.bench.cases import select_cases
 from fused_ls.bench.measure import CUDA_MEMORY_METHOD, copy_ceiling, environment
 from fused_ls.bench.suite import run_case, units_per_case
-from fused_ls.bench.workloads import LABEL_SMOOTHING, MODES, PROVIDERS, select_providers
+from fused_ls.bench.workloads import DEFAULT_MODES, LABEL_SMOOTHING, MODES, PROVIDERS, select_providers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", help="comma-separated ROWSxCLASSES[:dtype], e.g. 4096x32000,1024x128256:bf16")
     p.add_argument("--dtypes", help="comma-separated dtypes (fp32, bf16, fp16) for shapes that name none")
     p.add_argument("--providers", help=f"comma-separated, from {','.join(PROVIDERS)} (default: all that can run)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from fwd+bwd,fwd (default: both)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help="comma-separated, from fwd+bwd,fwd,eval (default: fwd+bwd,fwd)")
     p.add_argument("--repeats", type=int, help="timed repeats per measurement, median reported (default: 5 cpu, 10 cuda)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 1 cpu, 3 cuda)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")

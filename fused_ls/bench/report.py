@@ -7,6 +7,8 @@ import os
 import tempfile
 
 SCHEMA = "fused_ls.bench/1"
+# fused_ls.bench.workloads.MODES, in table order (this module does not import torch)
+MODES = ("fwd+bwd", "fwd", "eval")
 
 COLUMNS = ("case", "mode", "provider", "median ms", "GB/s", "% copy", "speed-up", "extra MB", "extra/logits",
            "mem/eager", "check")
@@ -30,7 +32,7 @@ def _check_cell(r: dict) -> str:
     return f"{'ok' if check['ok'] else 'FAIL'} {err:.0e}"
 
 
-def table_rows(doc: dict, modes: tuple[str, ...] = ("fwd+bwd", "fwd")) -> list[list[str]]:
+def table_rows(doc: dict, modes: tuple[str, ...] = MODES) -> list[list[str]]:
     copies = {c["case"]: c for c in doc["copy"]}
     rows = []
     for case in dict.fromkeys(r["case"] for r in doc["results"]):
@@ -67,7 +69,7 @@ def text_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(doc: dict, modes: tuple[str, ...] = ("fwd+bwd", "fwd")) -> str:
+def markdown_table(doc: dict, modes: tuple[str, ...] = MODES) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(doc, modes)]
     return "\n".join(lines)
@@ -82,7 +84,7 @@ def header(doc: dict) -> str:
                                   f", {env['torch_threads']} threads")
     lines = [f"{where}; {versions}; {env['date']}",
              (f"median of {s['repeats']} after {s['warmup']} warm-up; label_smoothing={s['label_smoothing']}, "
-              "mean reduction; GB/s = (read logits once + write gradient once) / time, fwd only: read once")]
+              "mean reduction; GB/s = (read logits once + write gradient once) / time, fwd and eval: read once")]
     if doc.get("copy_ceiling"):
         c = doc["copy_ceiling"]
         lines.append(f"copy ceiling: {c['gbps']:.1f} GB/s ({c['what']}, {c['bytes_per_copy'] / 2**20:.0f} MiB moved)")
@@ -135,7 +137,7 @@ def plot(doc: dict, path: str) -> bool:
         return False
     results = [r for r in doc["results"] if r["median_ms"] is not None]
     modes = {r["mode"] for r in results}
-    mode = "fwd+bwd" if "fwd+bwd" in modes else "fwd"
+    mode = next((m for m in MODES if m in modes), "fwd+bwd")
     panels = list(dict.fromkeys((r["dtype"], mode) for r in results if r["mode"] == mode))
     if not panels:
         return False

@@ -24,7 +24,10 @@ import torch.nn.functional as F
 from fused_ls.bench.cases import Case, make_inputs
 
 LABEL_SMOOTHING = 0.1
-MODES = ("fwd+bwd", "fwd")
+# fwd+bwd: a training step (the headline); fwd: its forward alone, the logits requiring grad;
+# eval: the forward under torch.no_grad(), as in evaluation (fused_ls runs its loss-only op).
+MODES = ("fwd+bwd", "fwd", "eval")
+DEFAULT_MODES = ("fwd+bwd", "fwd")
 
 # Largest norm-wise relative difference from eager (loss and gradient) that passes; eager is
 # itself rounded to the case's dtype, so the bound is a few of that dtype's rounding units.
@@ -108,13 +111,15 @@ def _liger_module():
         return importlib.import_module("liger_kernel.transformers").LigerCrossEntropyLoss
 
 
-def _liger_unavailable(device: torch.device) -> str | None:
+def liger_unavailable(device: torch.device, load: Callable[[], object] = _liger_module) -> str | None:
+    """Why a Liger-Kernel provider cannot run on `device` (None if it can); `load` imports
+    the Liger class the provider uses."""
     if device.type != "cuda":
         return "Liger-Kernel's Triton kernels need a CUDA device"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1 is set"
     try:
-        _liger_module()
+        load()
     except Exception as exc:  # noqa: BLE001  (any broken install means: not available)
         return f"liger_kernel is not importable ({type(exc).__name__}: {exc})"
     return None
@@ -132,7 +137,7 @@ for _backend in ("triton", "native"):
     register(Provider(f"{_backend}-inplace", f"fused_ls.smoothed_xent(backend={_backend!r}, inplace_backward=True)",
                       True, _fused_unavailable(_backend), _fused_loss(_backend, inplace=True)))
 register(Provider("liger", "Liger-Kernel LigerCrossEntropyLoss(label_smoothing=0.1), overwrites its input",
-                  True, _liger_unavailable, _liger_loss))
+                  True, liger_unavailable, _liger_loss))
 
 
 def select_providers(device: torch.device, requested: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
@@ -203,10 +208,15 @@ class LossWorkload:
         loss.backward()
         return loss
 
+    def evaluate(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.loss_fn(self.logits, self.target)
+
     def mode(self, mode: str) -> ModeStep:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        return ModeStep(self, self.forward_backward if mode == "fwd+bwd" else self.forward)
+        steps = {"fwd+bwd": self.forward_backward, "fwd": self.forward, "eval": self.evaluate}
+        return ModeStep(self, steps[mode])
 
     def loss_and_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward+backward from the pristine inputs: (loss as fp32, gradient of the logits).
