@@ -94,3 +94,17 @@ def test_provider_that_disagrees_with_eager_fails_its_check_and_is_not_timed(tmp
 @pytest.mark.parametrize("argv", [["--shapes", "4096"], ["--providers", "nonesuch"], ["--modes", "backward"]])
 def test_bad_options_are_refused(tmp_path, argv):
     assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif("native" not in available_backends("cpu"), reason="needs the native backend")
+def test_eval_mode_measures_the_no_grad_forward_which_holds_no_gradient(tmp_path):
+    status, doc = _run(tmp_path, "256x20000:fp32", ["eager", "native"], "--modes", "eval", "--no-plot")
+    assert status == 0
+    rows = {r["provider"]: r for r in doc["results"]}
+    assert set(rows) == {"eager", "native"} and all(r["mode"] == "eval" for r in rows.values())
+    for r in rows.values():
+        assert r["error"] is None and r["check"]["ok"], r
+        assert r["bytes"] == 256 * 20000 * 4  # the logits read once
+    # eager's log_softmax is a logits-sized temporary; the loss-only kernel allocates none
+    assert rows["eager"]["peak_extra_vs_logits"] > 0.75, rows["eager"]
+    assert rows["native"]["peak_extra_vs_logits"] < 0.25, rows["native"]
