@@ -33,7 +33,7 @@ struct PreparedRows {
   at::Tensor target;      // int64, contiguous
   at::Tensor weight;      // acc dtype, contiguous; undefined without class weights
   at::Tensor weight_sum;  // 0-d acc
-  at::Tensor grad_scale;  // 0-d acc; undefined for the loss-only op
+  at::Tensor grad_scale;  // acc, 0-d or (N,) contiguous; undefined for the loss-only op
   at::Tensor loss;        // (N,) acc
   at::Tensor lse;         // (N,) acc
   RowsProblem problem;
@@ -56,9 +56,16 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
               "fused_ls: target must be int64 or int32, got ", target.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), "fused_ls: target is on ", target.device(), ", logits on ",
               logits.device());
+  // grad_scale: one scale for the whole gradient (0-d or (1,)), or one per row ((N,), any stride).
+  bool per_row_scale = false;
   if (grad_scale.has_value()) {
-    TORCH_CHECK(grad_scale->numel() == 1 && at::isFloatingType(grad_scale->scalar_type()),
-                "fused_ls: grad_scale must be a floating-point scalar tensor");
+    TORCH_CHECK(at::isFloatingType(grad_scale->scalar_type()), "fused_ls: grad_scale must be floating point, got ",
+                grad_scale->scalar_type());
+    const bool single = grad_scale->numel() == 1 && grad_scale->dim() <= 1;
+    per_row_scale = !single && grad_scale->dim() == 1 && grad_scale->size(0) == num_rows;
+    TORCH_CHECK(single || per_row_scale,
+                "fused_ls: grad_scale must have one element (shape () or (1,)) or one per row of logits (shape (",
+                num_rows, ",)), got shape ", grad_scale->sizes());
     TORCH_CHECK(grad_scale->device() == logits.device(), "fused_ls: grad_scale is on ", grad_scale->device(),
                 ", logits on ", logits.device());
   }
@@ -82,7 +89,10 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
     const at::ScalarType sum_dtype = weight->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     out.weight_sum = weight->sum(sum_dtype).to(acc);
   }
-  if (grad_scale.has_value()) out.grad_scale = grad_scale->to(acc).reshape({}).contiguous();
+  if (grad_scale.has_value()) {
+    // Per row: contiguous, so an expanded (stride 0) or strided view is copied to N values.
+    out.grad_scale = per_row_scale ? grad_scale->to(acc).contiguous() : grad_scale->to(acc).reshape({}).contiguous();
+  }
   out.loss = at::empty({num_rows}, logits.options().dtype(acc));
   out.lse = at::empty({num_rows}, logits.options().dtype(acc));
 
@@ -96,6 +106,7 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
   p.weight = out.weight.defined() ? out.weight.data_ptr() : nullptr;
   p.weight_sum = out.weight_sum.defined() ? out.weight_sum.data_ptr() : nullptr;
   p.grad_scale = out.grad_scale.defined() ? out.grad_scale.data_ptr() : nullptr;
+  p.grad_scale_row_stride = per_row_scale ? 1 : 0;
   p.loss = out.loss.data_ptr();
   p.lse = out.lse.data_ptr();
   p.num_rows = num_rows;

@@ -7,9 +7,15 @@
 //     class c gets the target mass  k_s w_c + k_t w_t [c == t];  W = sum w,  A = k_s W + k_t w_t
 //     loss = A log s + k_s sum_c w_c (m - y_c) + k_t w_t (m - y_t) + z_loss lse^2
 //     dloss/dx_c = ((A + 2 z_loss lse) p_c - k_s w_c - k_t w_t [c == t])
-//                  * grad_scale * logit_scale * (1 - (y_c / softcap)^2)
+//                  * grad_scale_row * logit_scale * (1 - (y_c / softcap)^2)
+// with grad_scale_row the one scale of the call or, per row, that row's entry (see RowsProblem).
 // Ignored rows (t == ignore_index): loss 0, gradient 0. A target outside [0, V) is never
 // dereferenced: loss NaN, gradient 0. lse is written for every row.
+//
+// Masked classes (y_c = -inf): p_c = 0 and a gradient of -k_s w_c (finite); in the loss a term
+// q_c (m - y_c), with q_c = k_s w_c + k_t w_t [c == t], is +inf where q_c > 0 and exactly 0
+// where q_c = 0 (never 0 * inf = NaN): so with label_smoothing 0 a masked non-target class
+// costs nothing, a masked target costs +inf, and a class weight 0 makes a masked class free.
 #pragma once
 
 #include <cstdint>
@@ -32,8 +38,12 @@ struct RowsProblem {
   const int64_t* target;       // (num_rows,)
   const void* weight;          // (num_classes,) acc, or nullptr for no class weights
   const void* weight_sum;      // 0-d acc, sum of `weight`; read only with `weight`
-  const void* grad_scale;      // 0-d acc, multiplies the whole gradient (1/normaliser of a mean);
-                               // nullptr with `grad`
+  const void* grad_scale;      // acc; row i's gradient is multiplied by grad_scale[i * grad_scale_row_stride]:
+                               // one value for every row (1/normaliser of a mean; stride 0), or one
+                               // per row (stride 1: e.g. the upstream gradient of each row's loss
+                               // folded in, before the single rounding to the logits' dtype).
+                               // Read only with `grad`: nullptr (and the stride unused) without it
+  int64_t grad_scale_row_stride;  // in elements: 0 (a single scale) or 1 (num_rows scales)
   void* loss;                  // (num_rows,) acc
   void* lse;                   // (num_rows,) acc
   int64_t num_rows;

@@ -7,6 +7,8 @@ tested once for all of them, "native" included, by the parametrised suites. Here
     gradcheck on rows long enough to span several of its chunks;
   * every instruction-set variant of the CPU kernel gives the same numbers;
   * masked (-inf) classes and rows past 2^31 logits (slow);
+  * a grad_scale of one entry per row, and the zero-mass rule for masked classes, on the CPU op
+    and on the emulated CUDA kernels alike, and float32 shift invariance;
   * the CUDA sources compile with nvcc for sm_80 and sm_90 (no GPU needed), and their
     kernels give the float64 oracle's numbers when run on the CPU by tests/cuda_host_emulation.cpp;
   * on a GPU (marker `gpu`), the CUDA kernel against the oracle.
@@ -281,7 +283,7 @@ class _RowsProblem(ctypes.Structure):
         ("dtype", ctypes.c_int), ("logits", ctypes.c_void_p), ("logits_row_stride", ctypes.c_int64),
         ("grad", ctypes.c_void_p), ("grad_row_stride", ctypes.c_int64), ("target", ctypes.c_void_p),
         ("weight", ctypes.c_void_p), ("weight_sum", ctypes.c_void_p), ("grad_scale", ctypes.c_void_p),
-        ("loss", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("num_rows", ctypes.c_int64),
+        ("grad_scale_row_stride", ctypes.c_int64), ("loss", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("num_rows", ctypes.c_int64),
         ("num_classes", ctypes.c_int64), ("ignore_index", ctypes.c_int64), ("k_s", ctypes.c_double),
         ("k_t", ctypes.c_double), ("z_loss", ctypes.c_double), ("softcap", ctypes.c_double),
         ("logit_scale", ctypes.c_double),
@@ -294,13 +296,16 @@ _SCALAR_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
 def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=False, others=False, z_loss=0.0,
                   softcap=0.0, logit_scale=1.0, grad_scale=0.5, ignore_index=-100, loss_only=False):
     """What the CUDA op would return, buffers poisoned with NaN as csrc/op_common.h prepares them;
-    with `loss_only`, what the loss-only op would (no gradient, grad None)."""
+    with `loss_only`, what the loss-only op would (no gradient, grad None). `grad_scale`: a
+    number (one scale, row stride 0) or a tensor of one scale per row (row stride 1)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     N, V = logits.shape
     target = target.long().contiguous()
     w = None if weight is None else weight.to(acc).contiguous()
     w_sum = None if weight is None else weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32).to(acc)
-    scale = torch.tensor(grad_scale, dtype=acc)
+    per_row = isinstance(grad_scale, torch.Tensor)
+    scale = grad_scale.to(acc).contiguous() if per_row else torch.tensor(grad_scale, dtype=acc)
+    assert not per_row or scale.shape == (N,)
     loss = torch.full((N,), math.nan, dtype=acc)
     lse = torch.full((N,), math.nan, dtype=acc)
     grad = None if loss_only else logits if inplace else torch.full((N, V), math.nan, dtype=logits.dtype)
@@ -308,8 +313,8 @@ def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=F
     problem = _RowsProblem(
         _SCALAR_KIND[logits.dtype], logits.data_ptr(), logits.stride(0), None if grad is None else grad.data_ptr(),
         0 if grad is None else grad.stride(0), target.data_ptr(), None if w is None else w.data_ptr(),
-        None if w_sum is None else w_sum.data_ptr(), None if grad is None else scale.data_ptr(), loss.data_ptr(),
-        lse.data_ptr(), N, V, ignore_index, k_s, k_t, z_loss, softcap, logit_scale,
+        None if w_sum is None else w_sum.data_ptr(), None if grad is None else scale.data_ptr(), 1 if per_row else 0,
+        loss.data_ptr(), lse.data_ptr(), N, V, ignore_index, k_s, k_t, z_loss, softcap, logit_scale,
     )
     lib.fused_ls_emulated_workspace_bytes.restype = ctypes.c_ulong
     workspace = torch.empty(max(lib.fused_ls_emulated_workspace_bytes(ctypes.byref(problem), blocks_per_row), 1), dtype=torch.uint8)
@@ -383,6 +388,222 @@ def test_cuda_kernel_never_reads_an_out_of_range_target(emulated_cuda):
     assert loss[1].isnan() and (grad[1] == 0).all()
     torch.testing.assert_close(lse, torch.logsumexp(logits, 1))
     assert loss[0].isfinite()
+
+
+# ------------------------------------- per-row grad_scale and masked (-inf) classes, CPU and CUDA
+#
+# "cpu" is the CPU op; "cuda" and "cuda split" are the CUDA kernels run on the CPU by
+# tests/cuda_host_emulation.cpp, one block per row and a row split over 3 blocks (the path a GPU
+# takes for few long rows), with every output buffer poisoned with NaN beforehand.
+
+KERNELS = ["cpu", "cuda", "cuda split"]
+
+
+def _kernel_rows(request, kernel, logits, target, weight, eps, grad_scale, *, others=False, inplace=False, **features):
+    """(loss rows, lse, gradient) of one of KERNELS; grad_scale a number or one per row."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(acc)
+    if kernel == "cpu":
+        if not native.load()[0]:
+            pytest.skip(f"native extension unavailable: {native.load()[1]}")
+        scale = grad_scale.to(acc) if isinstance(grad_scale, torch.Tensor) else torch.tensor(grad_scale, dtype=acc)
+        args = (target, w, scale, eps, others, -100, features.get("z_loss", 0.0), features.get("softcap", 0.0),
+                features.get("logit_scale", 1.0))
+        if not inplace:
+            return _rows_op()(logits, *args)
+        grad = logits.clone()
+        loss, lse = _rows_inplace_op()(grad, *args)
+        return loss, lse, grad
+    lib = request.getfixturevalue("emulated_cuda")
+    blocks = 3 if kernel == "cuda split" else 1
+    x = logits.clone()
+    return _run_emulated(lib, x, target, w, eps, blocks, inplace=inplace, others=others, grad_scale=grad_scale,
+                         **features)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_per_row_grad_scale_multiplies_each_rows_gradient_by_its_own_entry(request, kernel, dtype):
+    # A 1-D grad_scale of N entries: row i's gradient times entry i (0, negative, tiny and large
+    # included), rounded once, against the float64 oracle with the same per-row upstream gradient;
+    # the loss rows do not depend on it. 4136 classes: two whole CPU chunks and a ragged one, and
+    # rows that keep the CUDA kernel's 16-byte loads aligned.
+    N, V = 6, 4136
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    logits = (torch.randn(N, V, dtype=torch.float64) * 3).to(dtype)
+    target = torch.tensor([0, V - 1, -100, 2050, 17, 4000])
+    weight = torch.rand(V, dtype=torch.float64) + 0.5
+    scale = torch.tensor([0.5, -2.0, 3.25, 0.0, 1e-3, 7.0], dtype=acc)
+    features = {"z_loss": 1e-2, "softcap": 2.5, "logit_scale": 1.3}
+    kwargs = {"convention": "others", "z_loss": 1e-2, "softcap": 2.5, "logit_scale": 1.3}
+    true_rows, true_grad = truth(logits, target, 0.1, weight=weight, reduction="none", upstream=scale, **kwargs)
+    for inplace in (False, True):
+        loss, _, grad = _kernel_rows(request, kernel, logits, target, weight, 0.1, scale, others=True,
+                                     inplace=inplace, **features)
+        torch.testing.assert_close(loss.double(), true_rows, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1])
+        assert (grad[2] == 0).all() and (grad[3] == 0).all()  # the ignored row; the row of scale 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_per_row_grad_scale_of_equal_entries_gives_exactly_the_single_scales_gradient(request, kernel):
+    # One scale read with row stride 0 and N copies of it read with stride 1: the same bits.
+    logits = torch.randn(4, 5003) * 3
+    target = torch.tensor([0, 5002, 2048, -100])
+    weight = torch.rand(5003) + 0.5
+    single = _kernel_rows(request, kernel, logits, target, weight, 0.1, 0.375)
+    per_row = _kernel_rows(request, kernel, logits, target, weight, 0.1, torch.full((4,), 0.375))
+    for a, b in zip(single, per_row):
+        assert torch.equal(a, b)
+
+
+@needs_native
+def test_cpu_op_takes_a_per_row_grad_scale_of_any_stride_including_an_expanded_one():
+    N, V = 5, 3000
+    logits = torch.randn(N, V) * 3
+    target = torch.tensor([1, 2999, -100, 2048, 7])
+
+    def run(scale):
+        return _rows_op()(logits, target, None, scale, 0.1, False, -100, 0.0, 0.0, 1.0)
+
+    reference = run(torch.tensor(0.75))
+    expanded = torch.tensor(0.75, dtype=torch.float64).expand(N)  # stride 0, and float64
+    assert expanded.stride() == (0,)
+    for same in (torch.tensor([0.75]), expanded, torch.full((N,), 0.75)):
+        for a, b in zip(run(same), reference):
+            assert torch.equal(a, b)
+    strided = (torch.randn(2 * N) * 2)[::2]
+    assert strided.stride() == (2,)
+    loss, _, grad = run(strided)
+    _, _, contiguous_grad = run(strided.contiguous())
+    assert torch.equal(grad, contiguous_grad)
+    true_loss, true_grad = truth(logits, target, 0.1, reduction="none", upstream=strided)
+    torch.testing.assert_close(loss.double(), true_loss, rtol=LOSS_TOL[torch.float32][0], atol=LOSS_TOL[torch.float32][1])
+    torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[torch.float32][0], atol=GRAD_TOL[torch.float32][1])
+    args = (target, None, expanded, 0.1, False, -100, 0.0, 0.0, 1.0)
+    torch.library.opcheck(_rows_op(), (logits, *args))
+    torch.library.opcheck(_rows_inplace_op(), (logits.clone(), *args))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(4,), (6,), (0,), (5, 1), (1, 1), (1, 5)])
+def test_a_grad_scale_neither_one_element_nor_one_per_row_is_a_clear_error(shape):
+    logits = torch.randn(5, 40)
+    before = logits.clone()
+    target = torch.tensor([0, 1, 2, 3, 4])
+    expected = (r"grad_scale must have one element \(shape \(\) or \(1,\)\) or one per row of logits "
+                rf"\(shape \(5,\)\), got shape \[{', '.join(map(str, shape))}\]")
+    with pytest.raises(RuntimeError, match=expected):
+        _rows_op()(logits, target, None, torch.ones(shape), 0.1, False, -100, 0.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match=expected):
+        _rows_inplace_op()(logits, target, None, torch.ones(shape), 0.1, False, -100, 0.0, 0.0, 1.0)
+    assert torch.equal(logits, before)  # checked before anything is written
+    one_row = _rows_op()(logits[:1], target[:1], None, torch.ones(1), 0.1, False, -100, 0.0, 0.0, 1.0)  # (1,) = (N,)
+    assert one_row[2].isfinite().all()
+
+
+def _zero_mass_oracle(logits, target, eps, *, weight=None, others=False, upstream=None):
+    """Float64 loss rows and gradient (rows times `upstream`) by the stated rule: class c's term
+    q_c (lse - y_c), q_c = k_s w_c + k_t w_t [c == t], is +inf where q_c > 0 and y_c = -inf,
+    and exactly 0 where q_c = 0; ignored rows (-100) have loss 0 and gradient 0."""
+    y = logits.double()
+    N, V = y.shape
+    k_s, k_t = smoothing_masses(eps, V, others)
+    w = torch.ones(V, dtype=torch.float64) if weight is None else weight.double()
+    valid = target != -100
+    t = torch.where(valid, target, 0)
+    q = (k_s * w).expand(N, V).clone()
+    q[torch.arange(N), t] += k_t * w[t]
+    lse = torch.logsumexp(y, 1, keepdim=True)
+    loss = torch.where(q != 0, q * (lse - y), 0.0).sum(1)
+    grad = q.sum(1, keepdim=True) * torch.exp(y - lse) - q
+    if upstream is not None:
+        grad = grad * upstream.double()[:, None]
+    return torch.where(valid, loss, 0.0), torch.where(valid[:, None], grad, 0.0)
+
+
+def _masked_batch(dtype):
+    """Rows of 5000 classes with -inf entries, and class weights that are 0 on 100:4500."""
+    V = 5000
+    logits = (torch.randn(8, V, dtype=torch.float64) * 3).to(dtype)
+    inf = float("-inf")
+    logits[0, 7] = inf                          # one class
+    logits[1, 11] = inf                         # the target
+    logits[2, 100:4500] = inf                   # a run spanning whole 2048-logit chunks
+    logits[3, 100:4500] = inf                   # the same, the target inside it
+    logits[4, :2100] = inf                      # the first class and the whole first chunk
+    logits[5, :4321] = logits[5, 4322:] = inf   # all but the target
+    logits[6, 50:60] = inf                      # an ignored row
+    target = torch.tensor([3, 11, 5, 200, 4000, 4321, -100, 4999])  # row 7: no -inf, the control
+    weight = torch.rand(V, dtype=torch.float64) + 0.5
+    weight[100:4500] = 0.0
+    return logits, target, weight
+
+
+MASKED_SETTINGS = {
+    # name: (eps, "others" convention, class weights)
+    "eps 0": (0.0, False, False),
+    "eps 0.1": (0.1, False, False),
+    "eps 1": (1.0, False, False),
+    "eps 0.1, weight 0 on masked classes": (0.1, False, True),
+    "eps 1, others, weight 0 on masked classes": (1.0, True, True),
+    "eps 1, others": (1.0, True, False),
+}
+
+
+@pytest.mark.parametrize("setting", list(MASKED_SETTINGS))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_classes_cost_inf_with_mass_and_nothing_without_never_nan(request, kernel, dtype, setting):
+    # y_c = -inf: probability 0, a finite gradient, and a loss term of +inf when its target mass
+    # q_c > 0 (any masked class with eps > 0, a masked target with k_t w_t > 0) or exactly 0 when
+    # q_c = 0 (eps 0, class weight 0, or the target at eps 1 in the 'others' convention).
+    eps, others, weighted = MASKED_SETTINGS[setting]
+    logits, target, weight = _masked_batch(dtype)
+    weight = weight if weighted else None
+    upstream = torch.linspace(0.5, 2.0, len(target))
+    loss, lse, grad = _kernel_rows(request, kernel, logits, target, weight, eps, upstream, others=others)
+    true_loss, true_grad = _zero_mass_oracle(logits, target, eps, weight=weight, others=others, upstream=upstream)
+    assert not loss.isnan().any() and not lse.isnan().any() and grad.isfinite().all()
+    assert torch.equal(loss.isinf(), true_loss.isinf()), (loss, true_loss)
+    torch.testing.assert_close(loss.double(), true_loss, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1])
+    if weight is None and not others and eps < 1:  # PyTorch's own answer, finite or inf (at eps 1
+        # it has 0 * inf = NaN for a masked target)
+        theirs = F.cross_entropy(logits.double(), target, label_smoothing=eps, reduction="none")
+        torch.testing.assert_close(loss.double(), theirs, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1])
+    # What the rule gives here, spelled out.
+    finite_rows = {0.0: [0, 2, 4, 5, 6, 7], 0.1: [6, 7], 1.0: [6, 7]}[eps]
+    if weighted:  # weight 0 on 100:4500 frees rows 2 and 3 (target 200 inside it) of their masks
+        finite_rows = sorted({*finite_rows, 2, 3} if eps > 0 else {*finite_rows, 3})
+    if others and eps == 1.0:  # the target's mass is 0: a masked target costs nothing
+        finite_rows = sorted({*finite_rows, 1} | ({3} if weighted else set()))
+    assert loss[finite_rows].isfinite().all() and loss[[r for r in range(8) if r not in finite_rows]].isinf().all()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_float32_loss_is_shift_invariant_to_a_relative_1e_7(request, kernel, masked):
+    # logits + 1e4 in float32: everything large cancels before it is summed, so the loss rows
+    # stay within a few float32 roundings of the float64 truth of the same logits; also with the
+    # first 2100 classes masked at weight 0 (no finite first logit to take differences from).
+    V = 5000
+    logits = (torch.randn(4, V, dtype=torch.float64) * 3 + 1e4).float()
+    target = torch.tensor([0, V - 1, 2500, 4096])
+    weight = torch.rand(V) + 0.5
+    if masked:
+        logits[:, :2100] = float("-inf")
+        weight[:2100] = 0.0
+        target[0] = 2100
+    loss, lse, grad = _kernel_rows(request, kernel, logits, target, weight, 0.1, 1.0)
+    true_loss, true_grad = _zero_mass_oracle(logits, target, 0.1, weight=weight)
+    relative = ((loss.double() - true_loss) / true_loss).abs().max().item()
+    assert relative < 5e-7, relative
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=2e-7, atol=0)
+    torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[torch.float32][0],
+                               atol=GRAD_TOL[torch.float32][1])
 
 
 # ----------------------------------------------------------------------------- on a GPU

@@ -138,7 +138,8 @@ class RowKernel {
         z_loss_(static_cast<acc_t>(p.z_loss)),
         softcap_(static_cast<acc_t>(kHasSoftcap ? p.softcap : 1.0)),
         logit_scale_(static_cast<acc_t>(p.logit_scale)),
-        grad_scale_(p.grad_scale != nullptr ? *static_cast<const acc_t*>(p.grad_scale) : acc_t(1)),
+        grad_scale_(static_cast<const acc_t*>(p.grad_scale)),
+        grad_scale_row_stride_(p.grad_scale_row_stride),
         weight_sum_(kHasWeight ? *static_cast<const acc_t*>(p.weight_sum) : static_cast<acc_t>(p.num_classes)),
         padded_V_((p.num_classes + kStep - 1) / kStep * kStep),
         e_(aligned_buffer<acc_t>(padded_V_)),
@@ -192,8 +193,17 @@ class RowKernel {
     const acc_t true_mass = k_t_ * w_t;
     const acc_t total_mass = k_s_ * weight_sum_ + true_mass;
     // A zero mass contributes nothing even against an infinite logit (a masked class).
-    const acc_t loss = total_mass * log_s + (k_s_ != 0 ? k_s_ * deviation : acc_t(0)) +
-                       (true_mass != 0 ? true_mass * (m - y_t) : acc_t(0)) + z_loss_ * lse * lse;
+    acc_t smooth_term = k_s_ != 0 ? k_s_ * deviation : acc_t(0);
+    acc_t true_term = true_mass != 0 ? true_mass * (m - y_t) : acc_t(0);
+    if (valid && y_t == -std::numeric_limits<acc_t>::infinity() && k_s_ != 0 && w_t != 0) {
+      // A masked target (rare): `deviation` holds its smoothing share k_s w_t (m - y_t) as +inf,
+      // but its whole mass q_t = k_s w_t + k_t w_t decides its term: +inf, or 0 when q_t = 0
+      // (the 'others' convention at eps = 1), not inf - inf. So it is left out and added once.
+      smooth_term = k_s_ * deviation_without_target(x, t, w_t, m);
+      const acc_t q_t = (k_s_ + k_t_) * w_t;  // not an fma: exactly 0 when k_t = -k_s
+      true_term = q_t != 0 ? q_t * (m - y_t) : acc_t(0);
+    }
+    const acc_t loss = total_mass * log_s + smooth_term + true_term + z_loss_ * lse * lse;
     loss_[row] = ignored ? acc_t(0) : in_range ? loss : std::numeric_limits<acc_t>::quiet_NaN();
     lse_[row] = lse;
 
@@ -202,8 +212,10 @@ class RowKernel {
       zero_row(g);
       return;
     }
+    // The call's one scale, or this row's.
+    const acc_t grad_scale = grad_scale_ != nullptr ? grad_scale_[row * grad_scale_row_stride_] : acc_t(1);
     const acc_t p_coef = total_mass + 2 * z_loss_ * lse;
-    for (int64_t k = 0; k < num_chunks_; ++k) gradient_pass(g, k, p_coef / s * chunk_[k].to_row);
+    for (int64_t k = 0; k < num_chunks_; ++k) gradient_pass(g, k, p_coef / s * chunk_[k].to_row, grad_scale);
     // The true class, from its own e, in acc precision, rounded once.
     const acc_t p_t = e_[t] * chunk_[t / kChunk].to_row / s;
     acc_t dydx_t = logit_scale_;
@@ -211,7 +223,7 @@ class RowKernel {
       const acc_t c = y_t / softcap_;
       dydx_t = logit_scale_ * (1 - c * c);
     }
-    g[t] = static_cast<scalar_t>((p_coef * p_t - k_s_ * w_t - true_mass) * grad_scale_ * dydx_t);
+    g[t] = static_cast<scalar_t>((p_coef * p_t - k_s_ * w_t - true_mass) * grad_scale * dydx_t);
   }
 
  private:
@@ -223,6 +235,30 @@ class RowKernel {
     acc_t weight;   // sum w, the same for every row
     acc_t to_row;   // exp(shift - m): from the chunk's e to the row's
   };
+
+  // sum over c != t of w_c (m - y_c), from the chunk statistics but for t's chunk, whose
+  // sum_wd is recomputed without t (a scalar pass over at most kChunk logits).
+  acc_t deviation_without_target(const scalar_t* x, int64_t t, acc_t w_t, acc_t m) const {
+    const int64_t kt = t / kChunk;
+    acc_t deviation = 0;
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      const ChunkStats& stats = chunk_[k];
+      if (k != kt) {
+        deviation += (m - stats.shift) * stats.weight - stats.sum_wd;
+        continue;
+      }
+      const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
+      acc_t sum_wd = 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const acc_t w = kHasWeight ? weight_[c] : acc_t(1);
+        if (c == t || w == 0) continue;
+        const acc_t y = kHasSoftcap ? y_[c] : static_cast<acc_t>(x[c]) * logit_scale_;
+        sum_wd += w * (y - stats.shift);
+      }
+      deviation += (m - stats.shift) * (stats.weight - w_t) - sum_wd;
+    }
+    return deviation;
+  }
 
   Vec transform(Vec x) const {
     Vec u = x * Vec(logit_scale_);
@@ -309,8 +345,10 @@ class RowKernel {
           wa = Vec::loadu(weight_ + c, std::min(n, kLanes));
           wb = n > kLanes ? Vec::loadu(weight_ + c + kLanes, n - kLanes) : Vec(acc_t(0));
         }
-        wd_a = at::vec::fmadd(wa, a, wd_a);
-        wd_b = at::vec::fmadd(wb, b, wd_b);
+        // A class of weight 0 adds exactly 0, even at y = -inf (0 * -inf would be NaN).
+        const Vec zero(acc_t(0));
+        wd_a = wd_a + Vec::blendv(wa * a, zero, wa == zero);
+        wd_b = wd_b + Vec::blendv(wb * b, zero, wb == zero);
       } else {
         wd_a = wd_a + a;
         wd_b = wd_b + b;
@@ -320,10 +358,11 @@ class RowKernel {
     stats.sum_wd = horizontal_sum(wd_a + wd_b);
   }
 
-  // g = (p_coef p - k_s w) * grad_scale * dy/dx over chunk k, where p = e * e_to_p.
-  void gradient_pass(scalar_t* g, int64_t k, acc_t e_to_p_coef) {
+  // g = (p_coef p - k_s w) * grad_scale * dy/dx over chunk k, where p = e * e_to_p; grad_scale
+  // is the row's.
+  void gradient_pass(scalar_t* g, int64_t k, acc_t e_to_p_coef, acc_t grad_scale) {
     const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
-    const acc_t scale = grad_scale_ * logit_scale_;
+    const acc_t scale = grad_scale * logit_scale_;
     // Without softcap dy/dx is the constant logit_scale: fold it in and use one fma.
     const Vec a_coef(kHasSoftcap ? e_to_p_coef : e_to_p_coef * scale);
     const Vec smooth(kHasSoftcap ? k_s_ : k_s_ * scale);
@@ -373,7 +412,10 @@ class RowKernel {
   acc_t* loss_;
   acc_t* lse_;
   int64_t logits_row_stride_, grad_row_stride_, V_, num_chunks_, ignore_index_;
-  acc_t k_s_, k_t_, z_loss_, softcap_, logit_scale_, grad_scale_, weight_sum_;
+  acc_t k_s_, k_t_, z_loss_, softcap_, logit_scale_;
+  const acc_t* grad_scale_;  // nullptr for the loss-only op; row i's at i * grad_scale_row_stride_
+  int64_t grad_scale_row_stride_;
+  acc_t weight_sum_;
   int64_t padded_V_;
   AlignedBuffer<acc_t> e_;  // exp(y - shift) of the current row, padded to whole steps
   AlignedBuffer<acc_t> y_;  // y of the current row (softcap only)

@@ -6,10 +6,12 @@
 // One thread block per row, reading the row with 16-byte vector loads (4 fp32, 8 bf16/fp16,
 // 2 fp64) when the rows are 16-byte aligned, else element by element.
 //   Pass 1: each thread keeps an online (max, sum of exp) pair over its elements, plus
-//           sum_c w_c (y_c - ref) with ref the row's first y (0 if not finite), so that a
-//           constant added to every logit cancels before anything large is summed; then a
+//           sum_{c != t} w_c (y_c - ref) with ref the target's y, else the row's first y, if
+//           finite (else 0), so that a constant added to every logit cancels before anything
+//           large is summed (the target's own term is added once, with its whole mass); then a
 //           warp-shuffle and shared-memory reduction gives the row's m, s and smoothing sum,
-//           and thread 0 writes the loss and lse.
+//           and thread 0 writes the loss and lse and reads the row's grad_scale (one value
+//           for every row, or one per row).
 //   Pass 2: the row is read again (from L2 for all but the longest rows), and every
 //           gradient element is computed in fp32 (fp64 for fp64), the true class's
 //           p_t - k_t included, then rounded once and stored with 16-byte stores.
@@ -97,7 +99,8 @@ struct Params {
   const int64_t* target;
   const acc_t* weight;      // nullptr without class weights
   const acc_t* weight_sum;
-  const acc_t* grad_scale;
+  const acc_t* grad_scale;      // row i's at i * grad_scale_row_stride; nullptr without a gradient
+  int64_t grad_scale_row_stride;  // 0: one scale for every row; 1: one per row
   acc_t* loss;
   acc_t* lse;
   int64_t num_classes, ignore_index;
@@ -108,7 +111,7 @@ struct Params {
 };
 
 // A block's summary of its columns: the online max and sum of exp(y - max), and
-// sum_c w_c (y_c - ref).
+// sum_{c != t} w_c (y_c - ref) (t: the target if it has a gradient, else none).
 template <typename acc_t>
 struct Partial {
   acc_t max, sum_exp, sum_wd;
@@ -118,14 +121,16 @@ struct Partial {
 // in place, another block of the row may already be overwriting x[0] and x[t].
 template <typename acc_t>
 struct RowInputs {
-  acc_t ref;  // the row's first y if finite, else 0
+  acc_t ref;  // the target's y if it has a gradient and is finite, else the row's first y if finite, else 0
   acc_t y_t;  // the target's y; 0 for an ignored or out-of-range target
 };
 
 // What pass 2 needs of its row.
 template <typename acc_t>
 struct RowConstants {
-  acc_t lse, p_coef, k_s, true_mass;  // p_coef, k_s, true_mass are 0 for a row without a gradient
+  acc_t max, log_s;                   // p_c = exp((y_c - max) - log_s)
+  acc_t p_coef, k_s, true_mass;       // 0 for a row without a gradient
+  acc_t grad_scale;                   // the row's; 0 for a row without a gradient
   int64_t target;
   bool has_grad;
 };
@@ -179,9 +184,10 @@ __device__ Partial<acc_t> block_reduce(Partial<acc_t> v) {
   return v;
 }
 
-// Adds kCount values of y at columns [c, c + kCount) to a thread's partial.
+// Adds kCount values of y at columns [c, c + kCount) to a thread's partial; column `skip`
+// (the target, or -1) is left out of sum_wd.
 template <int kCount, typename acc_t>
-__device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64_t c, acc_t ref,
+__device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64_t c, acc_t ref, int64_t skip,
                            const Params<acc_t>& p) {
   acc_t local_max = y[0];
 #pragma unroll
@@ -196,13 +202,15 @@ __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64
   for (int j = 0; j < kCount; ++j) {
     part.sum_exp += exp_(y[j] - base);
     const acc_t w = p.weight != nullptr ? p.weight[c + j] : acc_t(1);
-    part.sum_wd += w * (y[j] - ref);
+    // A class of weight 0 adds exactly 0, even at y = -inf (0 * -inf would be NaN).
+    part.sum_wd += w != acc_t(0) && c + j != skip ? w * (y[j] - ref) : acc_t(0);
   }
 }
 
 // Pass 1 over columns [c0, c1) of the row at x; c0 is a multiple of kVec.
 template <typename scalar_t, int kVec, typename acc_t>
-__device__ Partial<acc_t> block_partial(const scalar_t* x, int64_t c0, int64_t c1, acc_t ref, const Params<acc_t>& p) {
+__device__ Partial<acc_t> block_partial(const scalar_t* x, int64_t c0, int64_t c1, acc_t ref, int64_t skip,
+                                        const Params<acc_t>& p) {
   Partial<acc_t> part{-INFINITY, acc_t(0), acc_t(0)};
   const int64_t vec_end = c0 + (c1 - c0) / kVec * kVec;
   for (int64_t c = c0 + int64_t(threadIdx.x) * kVec; c < vec_end; c += int64_t(blockDim.x) * kVec) {
@@ -210,11 +218,11 @@ __device__ Partial<acc_t> block_partial(const scalar_t* x, int64_t c0, int64_t c
     acc_t y[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) y[j] = transform(Io<scalar_t>::to_acc(pack.v[j]), p);
-    accumulate<kVec>(part, y, c, ref, p);
+    accumulate<kVec>(part, y, c, ref, skip, p);
   }
   for (int64_t c = vec_end + threadIdx.x; c < c1; c += blockDim.x) {
     const acc_t y[1] = {transform(Io<scalar_t>::to_acc(x[c]), p)};
-    accumulate<1>(part, y, c, ref, p);
+    accumulate<1>(part, y, c, ref, skip, p);
   }
   return block_reduce(part);
 }
@@ -224,14 +232,23 @@ __device__ bool target_has_grad(int64_t t, const Params<acc_t>& p) {
   return t != p.ignore_index && 0 <= t && t < p.num_classes;
 }
 
+// The column pass 1 leaves out of sum_wd: the row's target, or -1 when it has no gradient.
+template <typename acc_t>
+__device__ int64_t skipped_column(int64_t row, const Params<acc_t>& p) {
+  const int64_t t = p.target[row];
+  return target_has_grad(t, p) ? t : int64_t(-1);
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ RowInputs<acc_t> row_inputs(const scalar_t* x, int64_t row, const Params<acc_t>& p) {
   RowInputs<acc_t> in;
-  const acc_t y0 = transform(Io<scalar_t>::to_acc(x[0]), p);
-  in.ref = isfinite(y0) ? y0 : acc_t(0);
   const int64_t t = p.target[row];
+  const bool has_grad = target_has_grad(t, p);
   // The only read at the target's index, and only inside the row.
-  in.y_t = target_has_grad(t, p) ? transform(Io<scalar_t>::to_acc(x[t]), p) : acc_t(0);
+  in.y_t = has_grad ? transform(Io<scalar_t>::to_acc(x[t]), p) : acc_t(0);
+  // Any finite y of the row will do; the target's is rarely masked, the first class may be.
+  const acc_t y0 = transform(Io<scalar_t>::to_acc(x[0]), p);
+  in.ref = has_grad && isfinite(in.y_t) ? in.y_t : isfinite(y0) ? y0 : acc_t(0);
   return in;
 }
 
@@ -251,35 +268,44 @@ __device__ RowConstants<acc_t> finish_row(const Params<acc_t>& p, int64_t row, c
   const acc_t w_t = has_grad ? (p.weight != nullptr ? p.weight[t] : acc_t(1)) : acc_t(0);
   const acc_t true_mass = p.k_t * w_t;
   const acc_t total_mass = p.k_s * total_weight + true_mass;
-  const acc_t deviation = (m - in.ref) * total_weight - part.sum_wd;  // sum_c w_c (m - y_c)
+  // sum_{c != t} w_c (m - y_c): the partials leave the target out (w_t = 0 without a gradient).
+  const acc_t deviation = (m - in.ref) * (total_weight - w_t) - part.sum_wd;
+  // The target's whole mass q_t = k_s w_t + k_t w_t, in one term: +inf for a masked target of
+  // q_t > 0, and 0 for q_t = 0 (the 'others' convention at eps = 1), not inf - inf.
+  const acc_t target_mass = (p.k_s + p.k_t) * w_t;  // not an fma: exactly 0 when k_t = -k_s
   // A zero mass contributes nothing even against an infinite logit (a masked class).
   const acc_t loss = total_mass * log_s + (p.k_s != 0 ? p.k_s * deviation : acc_t(0)) +
-                     (true_mass != 0 ? true_mass * (m - in.y_t) : acc_t(0)) + p.z_loss * lse * lse;
+                     (target_mass != 0 ? target_mass * (m - in.y_t) : acc_t(0)) + p.z_loss * lse * lse;
   if (write_row_outputs) {
     p.loss[row] = ignored ? acc_t(0) : in_range ? loss : acc_t(NAN);
     p.lse[row] = lse;
   }
   RowConstants<acc_t> k;
-  k.lse = lse;
+  k.max = m;
+  k.log_s = log_s;
   k.has_grad = has_grad;
   k.target = t;
   k.p_coef = has_grad ? total_mass + 2 * p.z_loss * lse : acc_t(0);
   k.k_s = has_grad ? p.k_s : acc_t(0);
   k.true_mass = has_grad ? true_mass : acc_t(0);
+  // One read per row, by thread 0; none for the loss-only op (no grad_scale).
+  k.grad_scale = has_grad && p.grad != nullptr ? p.grad_scale[row * p.grad_scale_row_stride] : acc_t(0);
   return k;
 }
 
 template <typename acc_t>
-__device__ acc_t gradient(acc_t y, int64_t c, const RowConstants<acc_t>& k, acc_t grad_scale, const Params<acc_t>& p) {
+__device__ acc_t gradient(acc_t y, int64_t c, const RowConstants<acc_t>& k, const Params<acc_t>& p) {
   if (!k.has_grad) return acc_t(0);
   const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
-  const acc_t g = k.p_coef * exp_(y - k.lse) - k.k_s * w - (c == k.target ? k.true_mass : acc_t(0));
+  // y - max is exact for nearby values, unlike y - lse with lse rounded at the logits' scale
+  // (a relative error of 5e-4 in p at logits around 1e4 in fp32).
+  const acc_t g = k.p_coef * exp_((y - k.max) - k.log_s) - k.k_s * w - (c == k.target ? k.true_mass : acc_t(0));
   acc_t dydx = p.logit_scale;
   if (p.has_softcap) {
     const acc_t r = y / p.softcap;
     dydx = p.logit_scale * (1 - r * r);
   }
-  return g * (grad_scale * dydx);
+  return g * (k.grad_scale * dydx);
 }
 
 // Pass 2 over columns [c0, c1): each thread reads, then writes, its own elements, so `g`
@@ -287,7 +313,6 @@ __device__ acc_t gradient(acc_t y, int64_t c, const RowConstants<acc_t>& k, acc_
 template <typename scalar_t, int kVec, typename acc_t>
 __device__ void block_gradient(const scalar_t* x, scalar_t* g, int64_t c0, int64_t c1, const RowConstants<acc_t>& k,
                                const Params<acc_t>& p) {
-  const acc_t grad_scale = *p.grad_scale;
   const int64_t vec_end = c0 + (c1 - c0) / kVec * kVec;
   for (int64_t c = c0 + int64_t(threadIdx.x) * kVec; c < vec_end; c += int64_t(blockDim.x) * kVec) {
     const Pack<scalar_t, kVec> in = *reinterpret_cast<const Pack<scalar_t, kVec>*>(x + c);
@@ -295,13 +320,13 @@ __device__ void block_gradient(const scalar_t* x, scalar_t* g, int64_t c0, int64
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t y = transform(Io<scalar_t>::to_acc(in.v[j]), p);
-      out.v[j] = Io<scalar_t>::from_acc(gradient(y, c + j, k, grad_scale, p));
+      out.v[j] = Io<scalar_t>::from_acc(gradient(y, c + j, k, p));
     }
     *reinterpret_cast<Pack<scalar_t, kVec>*>(g + c) = out;
   }
   for (int64_t c = vec_end + threadIdx.x; c < c1; c += blockDim.x) {
     const acc_t y = transform(Io<scalar_t>::to_acc(x[c]), p);
-    g[c] = Io<scalar_t>::from_acc(gradient(y, c, k, grad_scale, p));
+    g[c] = Io<scalar_t>::from_acc(gradient(y, c, k, p));
   }
 }
 
@@ -311,7 +336,7 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_rows_kernel(const P
   const int64_t row = blockIdx.x;
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
   const RowInputs<acc_t> in = row_inputs(x, row, p);
-  const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, 0, p.num_classes, in.ref, p);
+  const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, 0, p.num_classes, in.ref, skipped_column(row, p), p);
   __shared__ RowConstants<acc_t> constants;
   if (threadIdx.x == 0) constants = finish_row(p, row, part, in, true);
   if (p.grad == nullptr) return;  // the loss-only op: thread 0 has written the loss and lse
@@ -331,7 +356,7 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_partials_kernel(con
   const int64_t c1 = c0 + p.columns_per_block < p.num_classes ? c0 + p.columns_per_block : p.num_classes;
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
   const RowInputs<acc_t> in = row_inputs(x, row, p);
-  const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, c0, c1, in.ref, p);
+  const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, c0, c1, in.ref, skipped_column(row, p), p);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = part;
     if (split == 0) inputs[row] = in;
@@ -403,6 +428,7 @@ cudaError_t launch_for_dtype(const RowsProblem& problem, int blocks_per_row, voi
   p.weight = static_cast<const acc_t*>(problem.weight);
   p.weight_sum = static_cast<const acc_t*>(problem.weight_sum);
   p.grad_scale = static_cast<const acc_t*>(problem.grad_scale);
+  p.grad_scale_row_stride = problem.grad_scale_row_stride;
   p.loss = static_cast<acc_t*>(problem.loss);
   p.lse = static_cast<acc_t*>(problem.lse);
   p.num_classes = problem.num_classes;
