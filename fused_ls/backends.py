@@ -67,14 +67,14 @@ def _probe_native() -> tuple[FusedOps | None, str]:
     return FusedOps(ops.smoothed_xent_rows, ops.smoothed_xent_rows_, ops.smoothed_xent_rows_loss), ""
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_runs_on(device_type: str) -> bool:
+    return device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _native_runs_on(device: torch.device) -> bool:
+def _native_runs_on(device_type: str) -> bool:
     from fused_ls import native
 
-    return device.type == "cpu" or (device.type == "cuda" and native.has_cuda())
+    return device_type == "cpu" or (device_type == "cuda" and native.has_cuda())
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -83,9 +83,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     names = []
-    if _triton_status()[0] is not None and _triton_runs_on(device):
+    if _triton_status()[0] is not None and _triton_runs_on(device.type):
         names.append("triton")
-    if _native_status()[0] is not None and _native_runs_on(device):
+    if _native_status()[0] is not None and _native_runs_on(device.type):
         names.append("native")
     names.append("torch")
     return names
@@ -94,10 +94,14 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend a call on `device` uses; raises if an explicit choice cannot run."""
     choice = backend if backend not in (None, "auto") else os.environ.get("FUSED_LS_BACKEND", "auto")
+    return _resolve(choice, device.type)
+
+
+def _resolve(choice: str, device_type: str) -> str:
     if choice == "auto":
-        if device.type == "cuda" and _triton_status()[0] is not None:
+        if device_type == "cuda" and _triton_status()[0] is not None:
             return "triton"
-        if _native_status()[0] is not None and _native_runs_on(device):
+        if _native_status()[0] is not None and _native_runs_on(device_type):
             return "native"
         return "torch"
     if choice not in BACKENDS:
@@ -106,18 +110,28 @@ def resolve(backend: str | None, device: torch.device) -> str:
         ops, why = _triton_status()
         if ops is None:
             raise RuntimeError(f"backend 'triton' is unavailable: {why}")
-        if not _triton_runs_on(device):
+        if not _triton_runs_on(device_type):
             raise RuntimeError(
-                f"backend 'triton' cannot run on {device.type} tensors: it needs CUDA tensors "
+                f"backend 'triton' cannot run on {device_type} tensors: it needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 set before triton is imported, for testing)"
             )
     elif choice == "native":
         ops, why = _native_status()
         if ops is None:
             raise RuntimeError(f"backend 'native' is unavailable: {why}")
-        if not _native_runs_on(device):
-            raise RuntimeError(f"backend 'native' was built without CUDA and cannot run on {device} tensors")
+        if not _native_runs_on(device_type):
+            if device_type == "cuda":
+                raise RuntimeError("backend 'native' was built without CUDA and cannot run on cuda tensors")
+            raise RuntimeError(f"backend 'native' runs on cpu and cuda tensors, not on {device_type} tensors")
     return choice
+
+
+# The probe imports Triton or the native extension on first use, which torch.compile cannot
+# trace: marked as a constant result, it runs once, eagerly, while a graph is traced, so a
+# compiled call can be a process's first. This is the attribute that
+# torch.compiler.assume_constant_result sets; setting it directly keeps torch._dynamo from
+# being imported with fused_ls (seconds of start-up for every script).
+_resolve._dynamo_marked_constant = True
 
 
 def fused_ops(backend: str) -> FusedOps:

@@ -10,31 +10,34 @@ from __future__ import annotations
 
 import torch
 
+from fused_ls._library import define_op
 
-@torch.library.custom_op("fused_ls::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+
+def _multiply(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad[i, :] *= scale[i]; `scale` has one entry per row (stride 0 for a scalar)."""
     grad.mul_(scale.unsqueeze(1))
 
 
-@scale_rows_.register_fake
-def _(grad, scale):
-    return None
-
-
-@scale_rows_.register_kernel("cpu")
-def _(grad, scale):
+def _multiply_cpu(grad: torch.Tensor, scale: torch.Tensor) -> None:
     # Reading CPU scales is no device sync: skip the whole pass over the gradient (as much
     # memory traffic as the fused op itself) when every scale is exactly 1.
     if not bool((scale == 1).all()):
-        grad.mul_(scale.unsqueeze(1))
+        _multiply(grad, scale)
 
 
-@scale_rows_.register_kernel("cuda")
-def _(grad, scale):
+def _multiply_cuda(grad: torch.Tensor, scale: torch.Tensor) -> None:
     try:
         from fused_ls.triton.smoothed_xent import scale_rows_ as triton_scale_rows_
-    except Exception:  # no working Triton: the plain multiply is still right
-        grad.mul_(scale.unsqueeze(1))
+    except Exception:  # noqa: BLE001  (no working Triton: the plain multiply is still right)
+        _multiply(grad, scale)
         return
     triton_scale_rows_(grad, scale)
+
+
+scale_rows_ = define_op(
+    "scale_rows_(Tensor(a!) grad, Tensor scale) -> ()",
+    default=_multiply,
+    fake=lambda grad, scale: None,
+    kernels={"CPU": _multiply_cpu, "CUDA": _multiply_cuda},
+    mutated=(0,),
+)
