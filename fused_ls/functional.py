@@ -28,11 +28,13 @@ def smoothed_xent(
     reduction: str = "mean",
     convention: str = "uniform",
     z_loss: float = 0.0,
+    z_loss_denominator: str = "weight",
     softcap: float | None = None,
     logit_scale: float = 1.0,
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
     inplace_backward: bool = False,
+    recompute_backward: bool = False,
     process_group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -47,8 +49,9 @@ def smoothed_xent(
         logits: (..., V) float32, bfloat16 or float16 (float64 for checks), any leading dims.
         target: (...) int64 or int32 class indices in [0, V), or ``ignore_index``.
         label_smoothing: eps in [0, 1].
-        weight: optional (V,) class weights, as in ``F.cross_entropy``. Not differentiated.
-        ignore_index: target value whose rows contribute nothing (loss 0, gradient 0).
+        weight: optional (V,) class weights, as in ``F.cross_entropy``. Like PyTorch, a weight
+            that requires grad is refused (detach it): the loss is not differentiated by it.
+        ignore_index: the int target value whose rows contribute nothing (loss 0, gradient 0).
         reduction: "mean", "sum" or "none".
         convention: how eps is spread; with y the transformed logits, logp = log_softmax(y),
             w the class weights (1 without ``weight``), per row:
@@ -58,18 +61,33 @@ def smoothed_xent(
             * "others" (fairseq): the true class gets exactly 1-eps, every other eps/(V-1):
               ``loss = (1-eps) w_t (-logp_t) + eps/(V-1) * sum_{c != t} w_c (-logp_c)``
         z_loss: adds ``z_loss * lse(y)^2`` to every non-ignored row (PaLM), unweighted.
-        softcap: if set, ``y = softcap * tanh(logit_scale * x / softcap)`` (Gemma 2).
+        z_loss_denominator: what a weighted mean divides the z-loss by. "weight" (default): the
+            sum of the targets' class weights, like the rest of the loss. "tokens": the count of
+            non-ignored targets, as Liger-Kernel does. The two differ only with ``weight``, a
+            mean and no ``normalizer``.
+        softcap: if set, ``y = softcap * tanh(logit_scale * x / softcap)`` (Gemma 2); ``inf`` is
+            the same as None.
         logit_scale: multiplies the logits before everything else.
         normalizer: the denominator of ``reduction="mean"`` (a float or a 0-d tensor), so that
             micro-batches and ranks can share one global token count. Default: the number of
-            non-ignored targets, or the sum of their class weights, as PyTorch does.
+            non-ignored targets, or the sum of their class weights, as PyTorch does. A tensor
+            normalizer that requires grad is differentiated, on every backend.
         return_lse: also return the per-row logsumexp of y (shape of ``target``, float32, not
             differentiable).
         inplace_backward: write the gradient into ``logits`` instead of a new buffer: no memory
             beyond the logits. ``logits`` is overwritten by the forward; an op that saved it for
             its own backward then raises autograd's usual in-place error. Use it when the logits
-            are consumed only by this loss (the LM-head output). Not for a leaf tensor. Ignored
-            when no gradient is needed (``torch.no_grad()``, logits that do not require grad).
+            are consumed only by this loss (the LM-head output). Autograd's rules for in-place
+            ops apply: not for a leaf that requires grad, nor a view of one. Ignored when no
+            gradient is needed (``torch.no_grad()``, logits that do not require grad).
+        recompute_backward: compute the gradient in the backward instead of the forward: the
+            forward reads the logits once and writes nothing, the backward reads them again
+            and writes the gradient with the upstream gradient already folded in, so the
+            gradient is rounded to the logits' dtype exactly once for any upstream gradient
+            (per-token weights of ``reduction="none"``, a loss divided by accumulation steps).
+            By default the forward writes the gradient and the backward scales it, which in
+            bf16/fp16 rounds twice unless the upstream gradient is exactly 1. Memory is the
+            same (the logits are kept instead of the gradient); one more read of the logits.
         process_group: a torch.distributed group over which the vocabulary is split: each
             rank passes its slice (..., V_local) of the logits and the global targets, and gets
             the loss and gradient slice that one device holding the whole vocabulary would
@@ -83,13 +101,19 @@ def smoothed_xent(
         ``target`` for ``reduction="none"``; with ``return_lse``, the pair (loss, lse).
 
     A mean over rows that are all ignored is 0 with a zero gradient, not PyTorch's NaN: a
-    fully padded micro-batch must not poison a training run. An empty batch gives PyTorch's
-    NaN. On CUDA an out-of-range target is never read: its row's loss is NaN (so the mean is
-    NaN) and its gradient 0; on the CPU it raises an IndexError.
+    fully padded micro-batch must not poison a training run. An empty batch, and a weighted
+    mean whose non-ignored targets' weights sum to 0, give PyTorch's NaN. On CUDA an
+    out-of-range target is never read: its row's loss is NaN (so the mean is NaN) and its
+    gradient 0; on the CPU it raises an IndexError. The fused backends compute the gradient
+    in one fused pass and do not differentiate it again: a backward through them with
+    ``create_graph=True`` (a second derivative, a gradient penalty) raises; use
+    ``backend="torch"`` for that.
     """
     if process_group is not None:
         from fused_ls.parallel import smoothed_xent_vocab_parallel
 
+        if recompute_backward or z_loss_denominator != "weight":
+            raise ValueError("recompute_backward and z_loss_denominator are not available with process_group")
         return smoothed_xent_vocab_parallel(
             logits, target, label_smoothing, process_group=process_group, weight=weight,
             ignore_index=ignore_index, reduction=reduction, convention=convention, z_loss=z_loss,
@@ -98,12 +122,20 @@ def smoothed_xent(
         )
     if vocab_start is not None or vocab_size is not None:
         raise ValueError("vocab_start and vocab_size describe a slice of the classes: they need process_group")
-    _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale)
+    _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale,
+                     ignore_index=ignore_index)
+    softcap = _effective_softcap(softcap)
     _check_targets(target, logits.shape[-1], ignore_index)
-    name = backends.resolve(backend, logits.device)
+    weight, normalizer = z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss,
+                                          z_loss_denominator)
+    name = _backend_for(backend, logits)
+    if inplace_backward and recompute_backward:
+        raise ValueError("inplace_backward and recompute_backward exclude each other: the recomputing backward "
+                         "needs the logits intact")
     if name == "torch":
         if inplace_backward:
             raise ValueError("inplace_backward needs a fused backend ('triton' or 'native'), not 'torch'")
+        # Autograd differentiates the eager formulation, which rounds its gradient once anyway.
         return smoothed_xent_reference(
             logits, target, label_smoothing, weight=weight, ignore_index=ignore_index, reduction=reduction,
             convention=convention, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
@@ -111,15 +143,12 @@ def smoothed_xent(
         )
     if inplace_backward and not (torch.is_grad_enabled() and logits.requires_grad):
         inplace_backward = False  # no gradient will be read (eval, no_grad): keep the logits intact
-    if inplace_backward and logits.is_leaf:
-        raise ValueError(
-            "inplace_backward would overwrite a leaf tensor that requires grad; "
-            "use it on logits produced by an op (for example the LM head)"
-        )
+    if inplace_backward:
+        check_inplace_allowed(logits)
 
     V = logits.shape[-1]
     logits2d = logits.reshape(-1, V)
-    if logits2d.stride(-1) != 1:
+    if logits2d.stride(-1) != 1 and V > 1:
         logits2d = logits2d.contiguous()  # the kernels read rows with unit stride
     target1d = target.reshape(-1)
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -128,11 +157,10 @@ def smoothed_xent(
         weight = weight.float()
     row_args = (float(label_smoothing), convention == "others", int(ignore_index), float(z_loss),
                 float(softcap or 0.0), float(logit_scale))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (logits, weight, grad_scale)):
-        # (class weights and a tensor normalizer are not differentiated, but a loss built
-        # from them keeps its graph, as in PyTorch)
-        loss, lse = _FusedSmoothedXent.apply(logits2d, target1d, weight, grad_scale, reduction, *row_args,
-                                             inplace_backward, name)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (logits, grad_scale)):
+        mode = "inplace" if inplace_backward else "recompute" if recompute_backward else "saved"
+        loss, lse = _FusedSmoothedXent.apply(logits2d, target1d, weight, grad_scale, reduction, row_args, mode,
+                                                 name)
     else:
         # No gradient can be asked for (evaluation, no_grad): the loss-only op reads the
         # logits once and neither allocates nor writes a gradient.
@@ -145,12 +173,70 @@ def smoothed_xent(
     return loss
 
 
+def z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss, z_loss_denominator):
+    """(weight, normalizer) that make a weighted mean divide its z-loss by the token count.
+
+    The smoothed cross-entropy of a row is linear in the class weights and its z-loss does not
+    depend on them, so with the weights scaled by n / W (n non-ignored targets, W the sum of
+    their weights) and the mean divided by n, sum_i (w_t,i CE_i + z lse_i^2) becomes
+    sum_i w_t,i CE_i / W + z sum_i lse_i^2 / n: Liger-Kernel's number, through the same kernels.
+    """
+    if z_loss_denominator not in Z_LOSS_DENOMINATORS:
+        raise ValueError(f"z_loss_denominator must be one of {Z_LOSS_DENOMINATORS}, got {z_loss_denominator!r}")
+    if z_loss_denominator == "weight" or weight is None or reduction != "mean" or z_loss == 0:
+        return weight, normalizer
+    if normalizer is not None:
+        raise ValueError("z_loss_denominator='tokens' divides by the count of non-ignored targets: "
+                         "it cannot be combined with normalizer")
+    target = target.reshape(-1)
+    valid = not_ignored(target, ignore_index)
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    count = valid.sum(dtype=acc_dtype)
+    V = weight.shape[0]
+    safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
+    weight_sum = (weight.to(acc_dtype)[safe_target] * valid).sum()
+    # Every row ignored: nothing is scaled (the mean is 0 either way).
+    ratio = torch.where(count != 0, count / weight_sum, 1.0)
+    return weight.to(acc_dtype) * ratio, count
+
+
+def _backend_for(backend: str, logits: torch.Tensor) -> str:
+    """The backend name for these logits. Under torch.func transforms (vmap, grad) only the
+    eager formulation composes: "auto" takes it, an explicit fused backend is refused."""
+    name = backends.resolve(backend, logits.device)
+    if name != "torch" and _is_functorch_wrapped(logits):
+        if backend not in (None, "auto"):
+            raise ValueError(f"backend {backend!r} cannot run under torch.func transforms (vmap, grad, ...): "
+                             "use backend='torch' or 'auto'")
+        return "torch"
+    return name
+
+
+def _is_functorch_wrapped(tensor: torch.Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and not torch.compiler.is_compiling() and check(tensor))
+
+
 class SmoothedCrossEntropyLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`smoothed_xent`, taking the same keyword arguments."""
+    """``nn.Module`` form of :func:`smoothed_xent`, taking the same keyword arguments.
+
+    The arguments are checked here, when the module is built, not at its first call.
+    """
 
     def __init__(self, label_smoothing: float = 0.1, **kwargs):
         super().__init__()
+        if isinstance(label_smoothing, torch.Tensor):
+            raise TypeError(
+                "SmoothedCrossEntropyLoss's first argument is label_smoothing (a float); pass class weights "
+                "as weight=..., unlike nn.CrossEntropyLoss(weight)"
+            )
+        unknown = set(kwargs) - _MODULE_KEYWORDS
+        if unknown:
+            raise TypeError(f"SmoothedCrossEntropyLoss got unexpected keyword arguments {sorted(unknown)}")
         weight = kwargs.pop("weight", None)
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+        _check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _OPTION_KEYWORDS})
         self.register_buffer("weight", weight)
         self.label_smoothing = label_smoothing
         self.kwargs = kwargs
@@ -163,25 +249,82 @@ class SmoothedCrossEntropyLoss(torch.nn.Module):
 
 
 class _FusedSmoothedXent(torch.autograd.Function):
+    """The fused row op under autograd, in one of three modes:
+
+    * "saved": the forward writes the gradient (already divided by the mean's denominator)
+      and the backward scales it by the upstream gradient.
+    * "inplace": the same, with the gradient written over the logits (checked beforehand by
+      check_inplace_allowed); their version counter moves, so an op that saved them raises
+      autograd's usual in-place error.
+    * "recompute": the forward writes no gradient; the backward computes it from the saved
+      logits with the upstream gradient folded into the per-row scale, rounded once.
+
+    A tensor normalizer is differentiated through `grad_scale`: d mean / d grad_scale is the
+    sum of the row losses. The gradient itself is not differentiated again.
+    """
+
     @staticmethod
-    def forward(ctx, logits, target, weight, grad_scale, reduction, label_smoothing, smooth_others,
-                ignore_index, z_loss, softcap, logit_scale, inplace, backend):
+    def forward(ctx, logits, target, weight, grad_scale, reduction, row_args, mode, backend):
         ops = backends.fused_ops(backend)
-        args = (target, weight, grad_scale, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
-        if inplace:
-            loss_rows, lse = ops.rows_inplace(logits, *args)
+        ctx.mode, ctx.reduction, ctx.backend, ctx.row_args = mode, reduction, backend, row_args
+        if mode == "inplace":
+            loss_rows, lse = ops.rows_inplace(logits, target, weight, grad_scale, *row_args)
             grad = logits
+            # The native op's dispatcher entry does not move the version counter itself; an op
+            # that saved the logits for its backward must see that they were overwritten.
+            torch.autograd.graph.increment_version(logits)
+        elif mode == "recompute":
+            loss_rows, lse = ops.rows_loss(logits, target, weight, *row_args)
+            grad = None
         else:
-            loss_rows, lse, grad = ops.rows(logits, *args)
+            loss_rows, lse, grad = ops.rows(logits, target, weight, grad_scale, *row_args)
         loss = _reduce_rows(loss_rows, reduction, grad_scale)
-        ctx.save_for_backward(grad)
+        if mode == "recompute":
+            ctx.save_for_backward(logits, target, weight, grad_scale)
+        else:
+            ctx.save_for_backward(grad)
+        ctx.loss_sum = loss_rows.sum() if reduction == "mean" and ctx.needs_input_grad[3] else None
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        (grad,) = ctx.saved_tensors
-        return (_scale_saved_gradient(grad, grad_loss),) + (None,) * 12
+        if ctx.mode == "recompute":
+            logits, target, weight, grad_scale = ctx.saved_tensors
+            row_scale = (grad_scale * grad_loss.to(grad_scale.dtype)).reshape(-1)
+            _, _, grad = backends.fused_ops(ctx.backend).rows(logits, target, weight, row_scale, *ctx.row_args)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad = _scale_saved_gradient(grad, grad_loss)
+        grad_grad_scale = None
+        if ctx.loss_sum is not None:
+            grad_grad_scale = (ctx.loss_sum * grad_loss).to(grad_loss.dtype)
+        return refuse_double_backward(grad, "smoothed_xent"), None, None, grad_grad_scale, None, None, None, None
+
+
+def refuse_double_backward(grad: torch.Tensor | None, what: str) -> torch.Tensor | None:
+    """`grad`, unless the backward is asked to record a graph (create_graph=True): a fused
+    kernel's gradient is a saved tensor, not a graph of ops, so a second derivative through it
+    would silently treat it as a constant. Refused at once, with the way out."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{what}: the fused backends compute the gradient in their fused pass and cannot differentiate "
+            "it again (create_graph=True, double backward, a gradient penalty); use backend='torch' for that"
+        )
+    return grad
+
+
+def check_inplace_allowed(logits: torch.Tensor) -> None:
+    """Autograd's rules for an in-place write, checked before the kernel overwrites `logits`
+    with their gradient: never a leaf that requires grad, nor a view of one (a slice or
+    reshape of a parameter), whose data the write would destroy."""
+    base = logits._base if logits._base is not None else logits
+    if base.is_leaf and base.requires_grad:
+        what = "a leaf tensor" if base is logits else "a view of a leaf tensor"
+        raise ValueError(
+            f"inplace_backward would overwrite {what} that requires grad; "
+            "use it on logits produced by an op (for example the LM head)"
+        )
 
 
 def _reduce_rows(loss_rows: torch.Tensor, reduction: str, grad_scale: torch.Tensor) -> torch.Tensor:
@@ -218,20 +361,32 @@ def _backward_may_run_again() -> bool:
 
 
 def _gradient_scale(target, weight, ignore_index, reduction, normalizer, V, dtype) -> torch.Tensor:
-    """0-d factor folded into the gradient: 1/denominator for a mean, else 1."""
+    """0-d factor folded into the gradient: 1/denominator for a mean, else 1.
+
+    A mean over no non-ignored row is 0 (factor 0); a weighted mean whose non-ignored
+    targets' weights sum to 0 is NaN, as in PyTorch."""
     device = target.device
     if reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
     if normalizer is not None:
         denom = _normalizer_tensor(normalizer, dtype, device)
-    else:
-        valid = target != ignore_index
-        if weight is None:
-            denom = valid.sum(dtype=dtype)
-        else:
-            safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
-            denom = (weight.to(dtype)[safe_target] * valid).sum()
-    return torch.where(denom != 0, denom.reciprocal(), torch.zeros_like(denom))
+        return torch.where(denom != 0, denom.reciprocal(), torch.zeros_like(denom))
+    valid = not_ignored(target, ignore_index)
+    count = valid.sum(dtype=dtype)
+    if weight is None:
+        return torch.where(count != 0, count.reciprocal(), torch.zeros_like(count))
+    safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
+    denom = (weight.detach().to(dtype)[safe_target] * valid).sum()
+    return torch.where(count != 0, torch.where(denom != 0, denom.reciprocal(), math.nan), torch.zeros_like(denom))
+
+
+def not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """target != ignore_index, also when ignore_index does not fit the target's dtype (an
+    int32 target compared with -2**40 would see the index wrapped to int32)."""
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
 
 
 def _normalizer_tensor(normalizer, dtype, device) -> torch.Tensor:
@@ -239,14 +394,65 @@ def _normalizer_tensor(normalizer, dtype, device) -> torch.Tensor:
     if isinstance(normalizer, torch.Tensor):
         if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if not normalizer.is_floating_point() and normalizer.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
         return normalizer.to(device=device, dtype=dtype)  # keep it on the logits' device: no copy
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
+        raise TypeError(f"normalizer must be a number, a 0-d tensor or None, got {type(normalizer).__name__}")
     # torch.full passes the number to a fill kernel; torch.as_tensor would copy it from host
     # memory, a synchronising copy on CUDA that also breaks CUDA graph capture.
     return torch.full((), float(normalizer), dtype=dtype, device=device)
 
 
+Z_LOSS_DENOMINATORS = ("weight", "tokens")
+
+# Keywords of smoothed_xent that SmoothedCrossEntropyLoss takes, and those _check_options checks.
+_OPTION_KEYWORDS = {"ignore_index", "reduction", "convention", "z_loss", "softcap", "logit_scale"}
+_MODULE_KEYWORDS = _OPTION_KEYWORDS | {
+    "weight", "normalizer", "return_lse", "inplace_backward", "recompute_backward", "process_group",
+    "z_loss_denominator",
+    "vocab_start", "vocab_size", "backend",
+}
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_options(label_smoothing, *, ignore_index=-100, reduction="mean", convention="uniform", z_loss=0.0,
+                   softcap=None, logit_scale=1.0):
+    """The scalar options, with no tensor at hand (also run by the modules' constructors)."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) and not _is_symbolic_number(
+            label_smoothing):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if ignore_index is None or isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"ignore_index must be an int (as in F.cross_entropy), got {ignore_index!r}; "
+            "to ignore nothing, pass a value no target takes, such as the default -100"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    for name, value in (("z_loss", z_loss), ("logit_scale", logit_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_symbolic_number(value):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not abs(value) < math.inf:  # not math.isfinite: a symbolic float under dynamic=True
+            raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _is_symbolic_number(value) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat))
+
+
+def _effective_softcap(softcap):
+    """An infinite cap caps nothing: the same as None (tanh(y / inf) * inf would be NaN)."""
+    return None if softcap is not None and softcap == math.inf else softcap
+
+
 def _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale,
-                     num_classes=None):
+                     num_classes=None, ignore_index=-100):
     """`num_classes`: the global V when `logits` hold a slice of the classes (fused_ls.parallel)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("logits and target must be tensors")
@@ -261,9 +467,13 @@ def _check_arguments(logits, target, label_smoothing, weight, reduction, convent
     if num_classes < 1:
         raise ValueError(f"logits must have a class dimension of size >= 1, got shape {tuple(logits.shape)}")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
+        hint = ""
+        if logits.dim() >= 3 and tuple(target.shape) == tuple(logits.shape[:1] + logits.shape[2:]):
+            hint = (" (this looks like F.cross_entropy's (N, C, d1, ...) layout: the classes must be the last "
+                    "dimension here, so pass logits.movedim(1, -1))")
         raise ValueError(
             f"target shape {tuple(target.shape)} must equal logits shape without its last dim "
-            f"{tuple(logits.shape[:-1])}"
+            f"{tuple(logits.shape[:-1])}{hint}"
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
@@ -274,26 +484,23 @@ def _check_arguments(logits, target, label_smoothing, weight, reduction, convent
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         if weight.device != logits.device:
             raise ValueError(f"weight is on {weight.device} but logits are on {logits.device}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "the class weights require grad, but the loss is not differentiable with respect to them "
+                "(as in F.cross_entropy): pass weight.detach()"
+            )
+    _check_options(label_smoothing, ignore_index=ignore_index, reduction=reduction, convention=convention,
+                   z_loss=z_loss, softcap=softcap, logit_scale=logit_scale)
     if convention == "others" and num_classes < 2:
         raise ValueError("convention='others' needs at least 2 classes")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-    for name, value in (("z_loss", z_loss), ("logit_scale", logit_scale)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _check_targets(target, V, ignore_index):
     """Raise for an out-of-range target when that costs no device sync (CPU, eager)."""
-    if target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0:
+    if (target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0
+            or _is_functorch_wrapped(target)):
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= V))
+    bad = not_ignored(target, ignore_index) & ((target < 0) | (target >= V))
     if bad.any():
         first = int(target[bad][0])
         raise IndexError(f"target {first} is out of range for {V} classes (and is not ignore_index={ignore_index})")

@@ -63,8 +63,19 @@ from __future__ import annotations
 import torch
 
 from fused_ls import backends, functional
+from fused_ls._library import define_op
 from fused_ls.backends import FusedOps
-from fused_ls.functional import _backward_may_run_again, _check_arguments, _gradient_scale, _reduce_rows
+from fused_ls.functional import (
+    _OPTION_KEYWORDS,
+    _backward_may_run_again,
+    _check_arguments,
+    _effective_softcap,
+    _gradient_scale,
+    _reduce_rows,
+    _check_options,
+    refuse_double_backward,
+    z_loss_per_token,
+)
 from fused_ls.reference import smoothed_xent_reference
 
 # Below this many rows a chunk's GEMMs (M = C) re-read W for little work: per chunk they do
@@ -80,6 +91,9 @@ MIN_CHUNK_ROWS = 256
 # no faster on the CPU (1.2 s a step either way at 8192 x 512 x 32000 bf16 with 2M to 8M).
 SLAB_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
+_MODULE_KEYWORDS = _OPTION_KEYWORDS | {
+    "class_weight", "z_loss_denominator", "normalizer", "return_lse", "chunk_size", "grad_accumulation", "backend",
+}
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -110,6 +124,7 @@ def smoothed_linear_xent(
     reduction: str = "mean",
     convention: str = "uniform",
     z_loss: float = 0.0,
+    z_loss_denominator: str = "weight",
     softcap: float | None = None,
     logit_scale: float = 1.0,
     normalizer: float | torch.Tensor | None = None,
@@ -132,8 +147,8 @@ def smoothed_linear_xent(
         label_smoothing: eps in [0, 1].
         class_weight: optional (V,) class weights: ``smoothed_xent``'s ``weight=``, renamed
             because ``weight`` here is the LM head. Not differentiated.
-        ignore_index, reduction, convention, z_loss, softcap, logit_scale, normalizer,
-            return_lse, backend: as in :func:`fused_ls.smoothed_xent`.
+        ignore_index, reduction, convention, z_loss, z_loss_denominator, softcap, logit_scale,
+            normalizer, return_lse, backend: as in :func:`fused_ls.smoothed_xent`.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` (at least 256 tokens,
             or all of them). Smaller saves memory; larger re-reads ``weight`` and re-writes
             its gradient less often.
@@ -170,8 +185,11 @@ def smoothed_linear_xent(
     # checks speak for the arguments the two functions share.
     logits_like = hidden.new_empty(()).expand(*hidden.shape[:-1], V)
     _check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention,
-                     z_loss, softcap, logit_scale)
+                     z_loss, softcap, logit_scale, ignore_index=ignore_index)
+    softcap = _effective_softcap(softcap)
     functional._check_targets(target, V, ignore_index)  # CPU only; via the module so tests can watch it
+    class_weight, normalizer = z_loss_per_token(target, class_weight, ignore_index, reduction, normalizer, z_loss,
+                                                z_loss_denominator)
     name = backends.resolve(backend, hidden.device)
 
     hidden2d = hidden.reshape(-1, H)
@@ -199,11 +217,21 @@ def smoothed_linear_xent(
 class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`smoothed_linear_xent`: ``loss(hidden, weight, target, bias=None)``.
 
-    Takes the same keyword arguments; ``class_weight`` is kept as a buffer.
+    Takes the same keyword arguments, checked when the module is built; ``class_weight`` is
+    kept as a buffer.
     """
 
     def __init__(self, label_smoothing: float = 0.1, **kwargs):
         super().__init__()
+        if isinstance(label_smoothing, torch.Tensor):
+            raise TypeError("SmoothedLinearCrossEntropyLoss's first argument is label_smoothing (a float); "
+                            "pass class weights as class_weight=...")
+        unknown = set(kwargs) - _MODULE_KEYWORDS
+        if unknown:
+            raise TypeError(f"SmoothedLinearCrossEntropyLoss got unexpected keyword arguments {sorted(unknown)}")
+        _check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _OPTION_KEYWORDS})
+        if kwargs.get("grad_accumulation", GRAD_ACCUMULATIONS[0]) not in GRAD_ACCUMULATIONS:
+            raise ValueError(f"grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {kwargs['grad_accumulation']!r}")
         self.register_buffer("class_weight", kwargs.pop("class_weight", None))
         self.label_smoothing = label_smoothing
         self.kwargs = kwargs
@@ -237,6 +265,8 @@ class _LinearSmoothedXent(torch.autograd.Function):
         )
         loss = _reduce_rows(loss_rows, reduction, grad_scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # A tensor normalizer is differentiated: d mean / d grad_scale is the sum of the row losses.
+        ctx.loss_sum = loss_rows.sum() if reduction == "mean" and ctx.needs_input_grad[5] else None
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
@@ -246,7 +276,7 @@ class _LinearSmoothedXent(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, weight, bias, target, class_weight, grad_scale = ctx.saved_tensors
             plan, row_args = ctx.setup
-            row_scale = grad_loss.reshape(-1).to(_accumulation_dtype(hidden.dtype))
+            row_scale = grad_scale * grad_loss.reshape(-1).to(_accumulation_dtype(hidden.dtype))
             _, _, grad_hidden, grad_weight, grad_bias = _sweep(
                 hidden, weight, bias, target, class_weight, grad_scale, row_scale,
                 plan, row_args, need_hidden, need_weight, need_bias,
@@ -256,7 +286,10 @@ class _LinearSmoothedXent(torch.autograd.Function):
                 _scale_saved(g, grad_loss) if need else None
                 for g, need in zip(ctx.saved_tensors, (need_hidden, need_weight, need_bias))
             )
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 14
+        loss_sum = getattr(ctx, "loss_sum", None)
+        grad_grad_scale = None if loss_sum is None else loss_sum * grad_loss
+        grads = tuple(refuse_double_backward(g, "smoothed_linear_xent") for g in (grad_hidden, grad_weight, grad_bias))
+        return grads + (None, None, grad_grad_scale) + (None,) * 11
 
 
 def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, plan, row_args,
@@ -298,12 +331,13 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
             if loss_only:
                 loss_rows, lse = rows_op(logits, target[start:stop], class_weight, *row_args)
             else:
-                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, grad_scale, *row_args)
+                # A per-row upstream gradient is folded into the row op's scale, so that each
+                # gradient element is rounded once.
+                scale = grad_scale if row_scale is None else row_scale[start:stop]
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, scale, *row_args)
             losses.append(loss_rows)
             lses.append(lse)
             grad = logits  # the row op wrote g over the logits (unless loss_only: nothing reads it)
-            if row_scale is not None:
-                torch.ops.fused_ls.scale_rows_(grad, row_scale[start:stop])
             if need_hidden:
                 if buffer is None:
                     grad_hidden[start:stop] = torch.mm(grad, weight)
@@ -380,25 +414,7 @@ class _WeightGradient:
         return self.sum
 
 
-@torch.library.custom_op("fused_ls::compensated_add_", mutates_args=("hi", "lo"))
-def compensated_add_(hi: torch.Tensor, lo: torch.Tensor, product: torch.Tensor, first: bool) -> None:
-    """(hi, lo) += product, elementwise: hi the running sum rounded to its dtype, lo (bf16)
-    what that rounding left out. Computed in fp32; with `first`, hi and lo are overwritten.
-
-    This is the definition, and the kernel wherever no faster one is registered: the native
-    extension registers a CPU kernel (csrc/cpu/compensated_add_kernel.cpp) and CUDA runs the
-    Triton one below, both bit for bit this function's numbers (tests/test_native.py,
-    tests/test_linear.py)."""
-    _eager_compensated_add(hi, lo, product, first)
-
-
-@compensated_add_.register_fake
-def _(hi, lo, product, first):
-    return None
-
-
-@compensated_add_.register_kernel("cuda")
-def _(hi, lo, product, first):
+def _compensated_add_cuda(hi, lo, product, first):
     try:
         from fused_ls.triton.linear import compensated_add_ as triton_compensated_add_
     except Exception:  # noqa: BLE001  (a broken Triton install must not break training: eager is right)
@@ -415,6 +431,20 @@ def _eager_compensated_add(hi, lo, product, first):
     hi.copy_(total)  # rounded once
     total -= hi  # exact: hi is total's nearest neighbour in its dtype
     lo.copy_(total)
+
+
+# (hi, lo) += product, elementwise: hi the running sum rounded to its dtype, lo (bf16) what
+# that rounding left out, computed in fp32; with `first`, hi and lo are overwritten. The eager
+# definition serves wherever no faster kernel is registered: the native extension registers a
+# CPU kernel (csrc/cpu/compensated_add_kernel.cpp) and CUDA runs the Triton one, both bit for
+# bit the eager numbers (tests/test_native.py, tests/test_linear.py).
+compensated_add_ = define_op(
+    "compensated_add_(Tensor(a!) hi, Tensor(b!) lo, Tensor product, bool first) -> ()",
+    default=_eager_compensated_add,
+    fake=lambda hi, lo, product, first: None,
+    kernels={"CUDA": _compensated_add_cuda},
+    mutated=(0, 1),
+)
 
 
 def _scale_saved(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:

@@ -68,7 +68,15 @@ import torch
 import torch.distributed as dist
 
 from fused_ls import backends
-from fused_ls.functional import _check_arguments, _check_targets, _normalizer_tensor, _scale_saved_gradient
+from fused_ls.functional import (
+    _check_arguments,
+    _check_targets,
+    check_inplace_allowed,
+    _effective_softcap,
+    _normalizer_tensor,
+    _scale_saved_gradient,
+    refuse_double_backward,
+)
 from fused_ls.reference import transform_logits
 from fused_ls.smoothing import smoothing_masses
 
@@ -133,13 +141,13 @@ def smoothed_xent_vocab_parallel(
     local_size = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None
     start, num_classes = _vocab_slice(process_group, local_size, vocab_start, vocab_size, logits)
     _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap,
-                     logit_scale, num_classes=num_classes)
+                     logit_scale, num_classes=num_classes, ignore_index=ignore_index)
+    softcap = _effective_softcap(softcap)
     _check_targets(target, num_classes, ignore_index)
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
-        raise ValueError(
-            "inplace_backward would overwrite a leaf tensor that requires grad; "
-            "use it on logits produced by an op (for example the LM head)"
-        )
+    if inplace_backward and not (torch.is_grad_enabled() and logits.requires_grad):
+        inplace_backward = False  # no gradient will be read: keep the logits intact
+    if inplace_backward:
+        check_inplace_allowed(logits)
 
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     k_s, k_t = smoothing_masses(float(label_smoothing), num_classes, convention == "others")
@@ -273,13 +281,19 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         else:
             loss = loss_rows.sum() * grad_scale
         ctx.save_for_backward(grad)
+        # A tensor normalizer n that requires grad is differentiated: d(sum / n)/dn = -sum / n^2.
+        ctx.normalizer_grad = None
+        if plan.reduction == "mean" and normalizer is not None and ctx.needs_input_grad[3]:
+            ctx.normalizer_grad = -loss_rows.sum() * grad_scale.square()
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         (grad,) = ctx.saved_tensors  # the slice's gradient: no collective needed
-        return _scale_saved_gradient(grad, grad_loss), None, None, None, None
+        grad = refuse_double_backward(_scale_saved_gradient(grad, grad_loss), "smoothed_xent (vocabulary parallel)")
+        grad_normalizer = None if ctx.normalizer_grad is None else ctx.normalizer_grad * grad_loss
+        return grad, None, None, grad_normalizer, None
 
 
 def _local_statistics(x, weight, column, owned, w_t, weight_sum, plan, *, out_max, out_log_sum, out_loss):
@@ -287,17 +301,26 @@ def _local_statistics(x, weight, column, owned, w_t, weight_sum, plan, *, out_ma
     acc_dtype = out_max.dtype
     y = transform_logits(x.to(acc_dtype), plan.logit_scale, plan.softcap)
     row_max = y.amax(dim=1, keepdim=True)
-    shifted = y - row_max  # y_c - m_r <= 0
+    # A slice whose logits are all -inf (a masked part of the vocabulary) is centred on 0,
+    # not on its max: -inf - -inf would be NaN.
+    finite_max = torch.where(row_max > -math.inf, row_max, 0.0)
+    shifted = y - finite_max  # y_c - m_r <= 0, -inf for a masked class
     del y
-    # sum_c w_c (m_r - y_c), and y_t - m_r on the rows whose target is here
-    below_max = -(shifted @ weight) if weight is not None else -shifted.sum(dim=1)
     target_shifted = shifted.gather(1, column.unsqueeze(1)).squeeze(1)
-    log_sum_exp = shifted.exp_().sum(dim=1).log_()  # log s_r, so lse_r = m_r + log s_r
+    log_sum_exp = shifted.exp().sum(dim=1).log_()  # log s_r, so lse_r = m_r + log s_r
     out_max.copy_(row_max.squeeze(1))
     out_log_sum.copy_(log_sum_exp)
-    smoothing = plan.k_s * (weight_sum * log_sum_exp + below_max)  # k_s sum_c w_c (lse_r - y_c)
-    true_class = torch.where(owned, plan.k_t * w_t * (log_sum_exp - target_shifted), 0.0)
-    torch.add(smoothing, true_class, out=out_loss)
+    # L_r = k_s sum_c w_c (lse_r - y_c) + k_t w_t (lse_r - y_t). A class of mass 0 adds 0, also
+    # where its logit is -inf; one of mass > 0 adds inf there, as on one device.
+    loss = torch.zeros_like(log_sum_exp)
+    if plan.k_s != 0:
+        weighted = shifted.neg_() if weight is None else torch.where(weight != 0, -shifted * weight, 0.0)
+        loss += plan.k_s * (weight_sum * log_sum_exp + weighted.sum(dim=1))
+    true_mass = plan.k_t * w_t
+    loss += torch.where(owned & (true_mass != 0), true_mass * (log_sum_exp - target_shifted), 0.0)
+    # An all-masked slice has no finite lse_r: its whole share, Q_r (lse - lse_r), is added
+    # when the ranks' statistics are combined.
+    out_loss.copy_(torch.where(row_max.squeeze(1) > -math.inf, loss, 0.0))
 
 
 def _local_gradient(x, weight, column, lse, p_coef, smooth_coef, true_coef, plan, *, out):

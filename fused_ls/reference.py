@@ -15,10 +15,17 @@ log_softmax(y), w the class weights (all ones without `weight`) and t the target
 Reductions: "none" gives the per-row losses (0 for ignored rows); "sum" their sum;
 "mean" their sum divided by `normalizer` when given, else by sum_i w_{t_i} over
 rows that are not ignored (the count of such rows without weights). A mean over
-zero such rows is 0, with a zero gradient; an empty batch gives NaN as PyTorch does.
+zero such rows is 0, with a zero gradient; an empty batch, and class weights that sum to 0
+over the non-ignored targets, give NaN as PyTorch does.
+
+A class whose target mass is 0 adds nothing to the loss, also when its logit is -inf (a
+masked vocabulary): with label_smoothing=0 masked classes cost nothing, as in
+F.cross_entropy; with eps > 0 a masked class of weight > 0 makes the loss inf, as there.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -53,21 +60,35 @@ def smoothed_xent_reference(
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     y = transform_logits(logits.reshape(-1, V).to(compute_dtype), logit_scale, softcap)
     t = target.reshape(-1).long()
-    valid = t != ignore_index
+    valid = t != ignore_index  # in int64: an ignore_index beyond int32 matches no int32 target
     safe_t = torch.where(valid, t, torch.zeros_like(t))
-    lse = torch.logsumexp(y, dim=-1)
-    logp = y - lse.unsqueeze(-1)
+    # log p = (y - m) - log s with m the row's max: shift-invariant (y - lse would cancel for
+    # large logits). m is a constant to autograd, which then differentiates logsumexp exactly
+    # as without the shift (log_softmax's own fp32 backward is less accurate at a million
+    # classes).
+    row_max = y.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(row_max > -math.inf, row_max, 0.0)  # a row of -inf: no shift, not NaN
+    centred = y - row_max
+    log_s = torch.logsumexp(centred, dim=-1)
+    logp = centred - log_s.unsqueeze(-1)
+    lse = row_max.squeeze(-1) + log_s
 
     w = torch.ones(V, dtype=compute_dtype, device=y.device) if weight is None else weight.to(compute_dtype)
     w_t = w[safe_t] * valid.to(compute_dtype)
-    nll_t = -logp.gather(1, safe_t.unsqueeze(1)).squeeze(1)
-    nll_all = -(logp * w).sum(-1)
     eps = label_smoothing
+    # The smoothing mass of each class (the true class's 1-eps on top for "uniform"; none of it
+    # for "others"). A class of mass 0 adds 0 even where its logit is -inf (a masked
+    # vocabulary), never 0 * inf.
     if convention == "uniform":
-        smooth = eps / V * nll_all
+        smooth_mass = (eps / V) * w.expand(y.shape[0], V)
     else:
-        smooth = eps / (V - 1) * (nll_all - w[safe_t] * nll_t)
-    per_row = (1 - eps) * w_t * nll_t + smooth + z_loss * lse.square()
+        smooth_mass = (eps / (V - 1)) * w.expand(y.shape[0], V)
+        smooth_mass = smooth_mass.scatter(1, safe_t.unsqueeze(1), 0.0)
+    smooth = torch.where(smooth_mass != 0, smooth_mass * -logp, 0.0).sum(-1)
+    true_mass = (1 - eps) * w_t
+    nll_t = -logp.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+    true_term = torch.where(true_mass != 0, true_mass * nll_t, 0.0)
+    per_row = true_term + smooth + z_loss * lse.square()
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
 
     if reduction == "none":
@@ -80,6 +101,8 @@ def smoothed_xent_reference(
         else:
             if normalizer is None:
                 denom = w_t.sum()
+                if weight is not None:  # weights summing to 0 over non-ignored targets: PyTorch's NaN
+                    denom = torch.where(valid.any() & (denom == 0), math.nan, denom)
             elif isinstance(normalizer, torch.Tensor):
                 denom = normalizer.to(device=y.device, dtype=compute_dtype)
             else:  # a fill kernel, not torch.as_tensor's synchronising host-to-device copy

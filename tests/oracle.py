@@ -47,7 +47,7 @@ def truth(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, *,
         kwargs["weight"] = weight.double()
     normalizer = kwargs.pop("normalizer", None)
     if isinstance(normalizer, torch.Tensor):
-        kwargs["normalizer"] = normalizer.double()
+        kwargs["normalizer"] = normalizer.detach().double()
     elif normalizer is not None:
         kwargs["normalizer"] = normalizer
     return loss_and_grad(

@@ -76,6 +76,12 @@ CASES = {
     "float32_logits": dict(dtype=torch.float32, weight=True, kwargs=dict(z_loss=1e-3)),
     "bfloat16_logits": dict(dtype=torch.bfloat16, ignore_fraction=0.2),
     "logits_offset_by_100": dict(dtype=torch.float32, offset=100.0),
+    "masked_slice_costs_nothing_without_smoothing": dict(masked=True, targets="first_slice",
+                                                         kwargs=dict(label_smoothing=0.0)),
+    "masked_slice_with_smoothing_is_inf_with_a_finite_gradient": dict(
+        masked=True, weight=True, kwargs=dict(reduction="none", convention="others"), upstream=True),
+    "normalizer_that_requires_grad_is_differentiated": dict(normalizer_tensor=6.0, normalizer_grad=True,
+                                                            kwargs=dict(z_loss=1e-3)),
     "float16_logits_inplace": dict(dtype=torch.float16, inplace=True),
     # Tracing costs tens of seconds on a small machine: in the 2-process group only.
     "no_host_sync_with_explicit_offsets": dict(
@@ -108,6 +114,9 @@ def _full_inputs(case: dict, world: int, generator: torch.Generator):
     logits = torch.randn(*shape, V, dtype=torch.float64, generator=generator) * case.get("scale", 3.0)
     logits = (logits + case.get("offset", 0.0)).to(dtype)
     starts = [sum(sizes[:r]) for r in range(world)]
+    if case.get("masked"):  # rank 1's whole slice and a few classes elsewhere: a masked vocabulary
+        logits[..., starts[1]:starts[1] + sizes[1]] = -math.inf
+        logits[..., 1:3] = -math.inf
     if case.get("targets") == "boundaries":  # the first and the last class of every non-empty slice
         edges = [c for s, n in zip(starts, sizes) if n for c in (s, s + n - 1)]
         target = torch.tensor(edges, dtype=torch.int64).repeat(math.prod(shape) // len(edges) + 1)
@@ -134,7 +143,7 @@ def _run_case(case: dict, rank: int, world: int, group, generator: torch.Generat
     eps = kwargs.pop("label_smoothing", 0.1)
     dtype = full_logits.dtype
     if "normalizer_tensor" in case:
-        kwargs["normalizer"] = torch.tensor(case["normalizer_tensor"])
+        kwargs["normalizer"] = torch.tensor(case["normalizer_tensor"], requires_grad=case.get("normalizer_grad", False))
     if case.get("explicit_offsets"):
         kwargs.update(vocab_start=start, vocab_size=sum(sizes))
 
@@ -188,6 +197,11 @@ def _run_case(case: dict, rank: int, world: int, group, generator: torch.Generat
         torch.testing.assert_close(logits.detach(), leaf.grad, rtol=0, atol=0)
     if case.get("ignore_fraction") == 1.0:
         assert loss.item() == 0.0 and not leaf.grad.any()
+    if case.get("normalizer_grad"):  # d(sum / n)/dn = -sum / n^2
+        row_sum = smoothed_xent_reference(full_logits.double(), target, eps, reduction="sum",
+                                          **{k: v for k, v in reference_kwargs.items() if k != "normalizer"})
+        expected = -row_sum / case["normalizer_tensor"] ** 2
+        torch.testing.assert_close(kwargs["normalizer"].grad.double(), expected, rtol=1e-6, atol=1e-9)
     if case.get("rows") == 0:
         assert math.isnan(loss.item())
     return [value.hex() for value in loss.detach().double().reshape(-1).tolist()]  # exact, NaN included
