@@ -101,8 +101,9 @@ def smoothed_xent(
         ``target`` for ``reduction="none"``; with ``return_lse``, the pair (loss, lse).
 
     A mean over rows that are all ignored is 0 with a zero gradient, not PyTorch's NaN: a
-    fully padded micro-batch must not poison a training run. An empty batch, and a weighted
-    mean whose non-ignored targets' weights sum to 0, give PyTorch's NaN. On CUDA an
+    fully padded micro-batch must not poison a training run. An empty batch, and a zero
+    denominator with some row not ignored (class weights summing to 0, ``normalizer=0``), give
+    PyTorch's NaN. On CUDA an
     out-of-range target is never read: its row's loss is NaN (so the mean is NaN) and its
     gradient 0; on the CPU it raises an IndexError. The fused backends compute the gradient
     in one fused pass and do not differentiate it again: a backward through them with
@@ -361,23 +362,28 @@ def _backward_may_run_again() -> bool:
 
 
 def _gradient_scale(target, weight, ignore_index, reduction, normalizer, V, dtype) -> torch.Tensor:
-    """0-d factor folded into the gradient: 1/denominator for a mean, else 1.
-
-    A mean over no non-ignored row is 0 (factor 0); a weighted mean whose non-ignored
-    targets' weights sum to 0 is NaN, as in PyTorch."""
+    """0-d factor folded into the gradient: 1/denominator for a mean, else 1 (see mean_scale)."""
     device = target.device
     if reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
-    if normalizer is not None:
-        denom = _normalizer_tensor(normalizer, dtype, device)
-        return torch.where(denom != 0, denom.reciprocal(), torch.zeros_like(denom))
     valid = not_ignored(target, ignore_index)
     count = valid.sum(dtype=dtype)
-    if weight is None:
-        return torch.where(count != 0, count.reciprocal(), torch.zeros_like(count))
-    safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
-    denom = (weight.detach().to(dtype)[safe_target] * valid).sum()
-    return torch.where(count != 0, torch.where(denom != 0, denom.reciprocal(), math.nan), torch.zeros_like(denom))
+    if normalizer is not None:
+        denom = _normalizer_tensor(normalizer, dtype, device)
+    elif weight is None:
+        denom = count
+    else:
+        safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
+        denom = (weight.detach().to(dtype)[safe_target] * valid).sum()
+    return mean_scale(count, denom)
+
+
+def mean_scale(count: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """1/denom for a mean over `count` non-ignored rows: 0 when there are none (every row
+    ignored: the loss is 0, not NaN), NaN when there are some but denom is 0 (PyTorch's 0/0)."""
+    safe = torch.where(denom != 0, denom, torch.ones_like(denom))
+    scale = torch.where(denom != 0, safe.reciprocal(), math.nan)
+    return torch.where(count != 0, scale, torch.zeros_like(scale))
 
 
 def not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -72,6 +72,7 @@ from fused_ls.functional import (
     _check_arguments,
     _check_targets,
     check_inplace_allowed,
+    mean_scale,
     _effective_softcap,
     _normalizer_tensor,
     _scale_saved_gradient,
@@ -253,7 +254,7 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
                 denominator = valid.sum(dtype=acc_dtype)
             else:
                 denominator = w_t.sum()
-            grad_scale = torch.where(denominator != 0, denominator.reciprocal(), 0.0)
+            grad_scale = mean_scale(valid.sum(dtype=acc_dtype), denominator)
         else:
             grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
 

@@ -15,8 +15,8 @@ log_softmax(y), w the class weights (all ones without `weight`) and t the target
 Reductions: "none" gives the per-row losses (0 for ignored rows); "sum" their sum;
 "mean" their sum divided by `normalizer` when given, else by sum_i w_{t_i} over
 rows that are not ignored (the count of such rows without weights). A mean over
-zero such rows is 0, with a zero gradient; an empty batch, and class weights that sum to 0
-over the non-ignored targets, give NaN as PyTorch does.
+zero such rows is 0, with a zero gradient; an empty batch, and a zero denominator with
+some row not ignored (class weights that sum to 0 there), give NaN as PyTorch does.
 
 A class whose target mass is 0 adds nothing to the loss, also when its logit is -inf (a
 masked vocabulary): with label_smoothing=0 masked classes cost nothing, as in
@@ -101,13 +101,14 @@ def smoothed_xent_reference(
         else:
             if normalizer is None:
                 denom = w_t.sum()
-                if weight is not None:  # weights summing to 0 over non-ignored targets: PyTorch's NaN
-                    denom = torch.where(valid.any() & (denom == 0), math.nan, denom)
             elif isinstance(normalizer, torch.Tensor):
                 denom = normalizer.to(device=y.device, dtype=compute_dtype)
             else:  # a fill kernel, not torch.as_tensor's synchronising host-to-device copy
                 denom = torch.full((), float(normalizer), dtype=compute_dtype, device=y.device)
-            loss = per_row.sum() / torch.where(denom != 0, denom, torch.ones_like(denom)) * (denom != 0)
+            # No non-ignored row: 0, not NaN. Some, but a zero denominator: PyTorch's NaN.
+            safe = torch.where(denom != 0, denom, torch.ones_like(denom))
+            scale = torch.where(valid.any(), torch.where(denom != 0, 1 / safe, math.nan), 0.0)
+            loss = per_row.sum() * scale
     if return_lse:
         return loss, lse.detach().reshape(target.shape)
     return loss
