@@ -4,7 +4,7 @@ The maths, per row of V logits x with target t (t == ignore_index: loss 0, grad 
 ---------------------------------------------------------------------------------
     u   = logit_scale * x
     y   = softcap * tanh(u / softcap)            (y = u without softcap)
-    m   = max_c y_c,   s = sum_c exp(y_c - m),   lse = m + log s,   p_c = exp(y_c - lse)
+    m   = max_c y_c,   s = sum_c exp(y_c - m),   lse = m + log s,   p_c = exp((y_c - m) - log s)
 
 The smoothed target gives class c the mass  q_c = k_s w_c + k_t w_t [c == t]  where w are
 the class weights (all 1 without `weight`), and
@@ -13,16 +13,30 @@ the class weights (all 1 without `weight`), and
 so with W = sum_c w_c the total mass is A = k_s W + k_t w_t (1 without weights), and
 
     loss = sum_c q_c (lse - y_c) + z lse^2
-         = A log s + k_s (m W - sum_c w_c y_c) + k_t w_t (m - y_t) + z lse^2
+         = A log s + k_s D + q_t (m - y_t) + z lse^2,    D = sum_{c != t, w_c != 0} w_c (m - y_c)
     dloss/dy_c = (A + 2 z lse) p_c - k_s w_c - k_t w_t [c == t]
     dloss/dx_c = dloss/dy_c * logit_scale * (1 - (y_c / softcap)^2)     (no last factor without softcap)
 
-The second form of the loss subtracts m before anything large is summed, so adding a
-constant to every logit changes nothing. The gradient is computed in fp32 (fp64 for fp64
-logits), multiplied by `grad_scale` (1/normaliser for a mean) and rounded once to the
-logits' dtype: the true class's p_t - k_t never passes through bf16. Float64 logits (for
+Every term of D is >= 0 and is formed as a difference to the row's max before it is
+summed, so nothing large is subtracted and adding a constant to every logit changes the
+loss by rounding only (m W - sum w y would cancel catastrophically for large logits). The
+streamed path keeps D relative to its running max r, moving it when the max rises:
+D <- D + W_seen (r_new - r_old) + sum_chunk w_c (r_new - y_c), where W_seen counts only
+the finite logits seen so far. p_c is formed from y_c - m for the same reason. The
+gradient is computed in fp32 (fp64 for fp64 logits), multiplied by `grad_scale` (a scalar,
+or one value per row: an upstream gradient folded in) and rounded once to the logits'
+dtype: the true class's p_t - k_t never passes through bf16. Float64 logits (for
 gradcheck) accumulate in float64, but Triton passes the float scalars (k_s, k_t, z_loss, ...)
 as float32, so such results carry their rounding, about 1e-8 relative.
+
+A logit of -inf (a masked class) has p_c = 0, and its term q_c (lse - y_c) is +inf when
+q_c > 0 and exactly 0 when q_c == 0, never 0 * inf = NaN: with eps = 0 a masked non-target
+class costs nothing (as in F.cross_entropy), a masked class of weight 0 costs nothing
+(PyTorch gives NaN there), and a masked target gives +inf unless q_t is 0 (eps = 1 with
+"others": k_t = -k_s). Hence the true class is left out of D and carries its whole mass
+q_t = (k_s + k_t) w_t in its own term, k_s D and q_t (m - y_t) are dropped when their mass
+is 0, and lanes of weight 0 are left out of D. The gradient stays finite. A row whose
+logits are all -inf has no finite max and gives NaN, as in PyTorch.
 
 A target outside [0, V) that is not ignore_index is never dereferenced: y_t is picked out
 of the row by comparison, its loss is NaN and its gradient row is 0.
@@ -45,12 +59,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_ls._library import define_op
 from fused_ls.smoothing import smoothing_masses
 
 # Rows up to this many logits are held in registers and read once; longer rows are
-# streamed twice in chunks of CHUNKED_BLOCK. Tests lower both to reach the chunked path
-# at sizes the interpreter can run.
-MAX_SINGLE_BLOCK = 16384
+# streamed twice in chunks of CHUNKED_BLOCK. A whole row of 16384 does not fit: at 16 or 32
+# warps ptxas spills 40 to 100 bytes a thread (tests/triton_targets.py), so 8 warps hold at
+# most 8192. Tests lower both to reach the chunked path at sizes the interpreter can run.
+MAX_SINGLE_BLOCK = 8192
 CHUNKED_BLOCK = 8192
 
 
@@ -64,16 +80,31 @@ def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap,
+def _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
                 HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
     """(mask, transformed logits, class weights) for the lanes `offs` of one row."""
     mask = offs < V
     y = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
-        w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(weight_ptr + offs.to(tl.int64) * stride_weight, mask=mask, other=0.0).to(ACC)
     else:
         w = 1.0
     return mask, y, w
+
+
+@triton.jit
+def _distance_sum(y, w, mask, offs, t, ref, HAS_WEIGHT: tl.constexpr):
+    """(sum of w (ref - y), sum of w over finite y) over the lanes that carry weight, the
+    true class t excepted (its whole mass is applied apart).
+
+    A lane of weight 0 adds exactly 0 even where y is -inf; a finite lane adds w (ref - y) >= 0
+    for ref >= y, so the sum never cancels."""
+    keep = mask & (offs != t)
+    if HAS_WEIGHT:
+        keep = keep & (w != 0.0)
+    d = tl.sum(w * tl.where(keep, ref - y, 0.0), axis=0)
+    w_finite = tl.sum(tl.where(keep & (y > -float("inf")), w, 0.0), axis=0)
+    return d, w_finite
 
 
 @triton.jit
@@ -89,9 +120,10 @@ def _to_output(g, out_ty: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, lse, grad_scale, logit_scale, softcap,
+def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, m, log_s, grad_scale, logit_scale, softcap,
                   HAS_SOFTCAP: tl.constexpr):
-    p = tl.exp(y - lse)
+    # y - m first: exact for nearby large logits, where y - lse would carry lse's rounding.
+    p = tl.exp((y - m) - log_s)
     g = p_coef * p - k_s * w - tl.where(offs == t, true_mass, 0.0)
     dydx = logit_scale
     if HAS_SOFTCAP:
@@ -104,13 +136,13 @@ def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, lse, grad_scale, logit_
 def smoothed_xent_fwd_kernel(
     logits_ptr,        # (N, V) any float dtype, unit stride along V
     grad_ptr,          # (N, V) gradient out, logits' dtype; may be logits_ptr itself (in place); unused without WRITE_GRAD
-    target_ptr,        # (N,) int32 or int64
-    weight_ptr,        # (V,) class weights, read only when HAS_WEIGHT
+    target_ptr,        # (N,) int32 or int64, any stride (0 for one target broadcast to every row)
+    weight_ptr,        # (V,) class weights, any stride; read only when HAS_WEIGHT
     weight_sum_ptr,    # 0-d, sum of the class weights, read only when HAS_WEIGHT
-    grad_scale_ptr,    # 0-d, multiplies the whole gradient (1/normaliser for a mean); read only with WRITE_GRAD
+    grad_scale_ptr,    # (N,) multiplies row i's gradient, any stride (0 for a scalar); read only with WRITE_GRAD
     loss_ptr,          # (N,) per-row loss out
     lse_ptr,           # (N,) per-row logsumexp of the transformed logits out
-    stride_logits_row, stride_grad_row,
+    stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
     V, ignore_index,
     k_s, k_t,          # smoothing mass per unit of class weight; extra mass on the true class
     z_loss, softcap, logit_scale,
@@ -121,67 +153,87 @@ def smoothed_xent_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
-    t = tl.load(target_ptr + row).to(tl.int64)
+    t = tl.load(target_ptr + row * stride_target).to(tl.int64)
     ignored = t == ignore_index
     in_range = (t >= 0) & (t < V)
     if HAS_WEIGHT:
         weight_sum = tl.load(weight_sum_ptr).to(ACC)
-        w_t = tl.load(weight_ptr + t, mask=in_range & ~ignored, other=0.0).to(ACC)
+        w_t = tl.load(weight_ptr + t * stride_weight, mask=in_range & ~ignored, other=0.0).to(ACC)
     else:
         weight_sum = V * 1.0
         w_t = 1.0
     offs0 = tl.arange(0, BLOCK)
 
-    # Pass 1: max, sum of exp, sum of w*y and y_t, streamed with a running max.
-    m = -float("inf")
-    s = 0.0
-    sum_wy = 0.0
-    y_t = 0.0
+    # Pass 1: max, sum of exp, D = sum of w (m - y) over c != t, and y_t.
     if SINGLE_PASS:
-        mask, y, w = _load_chunk(logits_row, weight_ptr, offs0, V, logit_scale, softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
+        mask, y, w = _load_chunk(logits_row, weight_ptr, stride_weight, offs0, V, logit_scale, softcap,
+                                 HAS_SOFTCAP, HAS_WEIGHT, ACC)
         y_masked = tl.where(mask, y, -float("inf"))
         m = tl.max(y_masked, axis=0)
-        s = tl.sum(tl.exp(y_masked - m), axis=0)
-        sum_wy = tl.sum(tl.where(mask, w * y, 0.0), axis=0)
+        # A finite reference: a row of -inf only would give -inf - -inf = NaN in every lane.
+        r = tl.where(m == -float("inf"), 0.0, m)
+        s = tl.sum(tl.exp(y_masked - r), axis=0)
+        d, _ = _distance_sum(y, w, mask, offs0, t, r, HAS_WEIGHT)
         y_t = tl.sum(tl.where(offs0 == t, y, 0.0), axis=0)
     else:
+        # Streamed with a running max m and its finite stand-in r; s and d are kept
+        # relative to r and moved whenever it rises.
+        m = tl.full((), -float("inf"), ACC)
+        r = tl.zeros((), ACC)
+        s = tl.zeros((), ACC)
+        d = tl.zeros((), ACC)
+        w_seen = tl.zeros((), ACC)
+        y_t = tl.zeros((), ACC)
         for start in range(0, V, BLOCK):
             offs = start + offs0
-            mask, yc, wc = _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
+            mask, yc, wc = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
+                                       HAS_SOFTCAP, HAS_WEIGHT, ACC)
             yc_masked = tl.where(mask, yc, -float("inf"))
             m_new = tl.maximum(m, tl.max(yc_masked, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(yc_masked - m_new), axis=0)
+            r_new = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - r_new) + tl.sum(tl.exp(yc_masked - r_new), axis=0)
+            d_chunk, w_chunk = _distance_sum(yc, wc, mask, offs, t, r_new, HAS_WEIGHT)
+            # w_seen counts finite lanes only, whose reference was the true max, so r_new >= r.
+            d = d + w_seen * (r_new - r) + d_chunk
+            w_seen += w_chunk
             m = m_new
-            sum_wy += tl.sum(tl.where(mask, wc * yc, 0.0), axis=0)
+            r = r_new
             y_t += tl.sum(tl.where(offs == t, yc, 0.0), axis=0)
 
     log_s = tl.log(s)
     lse = m + log_s
     true_mass = k_t * w_t
     total_mass = k_s * weight_sum + true_mass
-    loss = total_mass * log_s + k_s * (m * weight_sum - sum_wy) + true_mass * (m - y_t) + z_loss * lse * lse
+    # A term whose mass is 0 is exactly 0, even when its distance is +inf (a masked class).
+    q_t = (k_s + k_t) * w_t
+    smooth_term = k_s * tl.where(k_s != 0.0, d, 0.0)
+    true_term = q_t * tl.where(q_t != 0.0, m - y_t, 0.0)
+    loss = total_mass * log_s + smooth_term + true_term + z_loss * lse * lse
     # An ignored row and a row with an out-of-range target get a zero gradient.
-    p_coef = tl.where(in_range & ~ignored, total_mass + 2.0 * z_loss * lse, 0.0)
-    k_s_row = tl.where(in_range & ~ignored, k_s, 0.0)
-    true_mass = tl.where(in_range & ~ignored, true_mass, 0.0)
+    active = in_range & ~ignored
+    p_coef = tl.where(active, total_mass + 2.0 * z_loss * lse, 0.0)
+    k_s_row = tl.where(active, k_s, 0.0)
+    true_mass = tl.where(active, true_mass, 0.0)
     loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
     # Pass 2: the gradient, rounded once to the output dtype.
     if WRITE_GRAD:
-        grad_scale = tl.load(grad_scale_ptr).to(ACC)
+        # Zero, not the scale, on rows without a gradient: a NaN or inf scale (a mean over a
+        # zero denominator) must not turn their 0 into NaN.
+        grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
         if SINGLE_PASS:
-            g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap,
-                              HAS_SOFTCAP)
+            g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
+                              softcap, HAS_SOFTCAP)
             tl.store(grad_row + offs0, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
         else:
             for start in range(0, V, BLOCK):
                 offs = start + offs0
-                mask, yc, wc = _load_chunk(logits_row, weight_ptr, offs, V, logit_scale, softcap, HAS_SOFTCAP,
-                                           HAS_WEIGHT, ACC)
-                g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, lse, grad_scale, logit_scale, softcap,
-                                  HAS_SOFTCAP)
+                mask, yc, wc = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
+                                           HAS_SOFTCAP, HAS_WEIGHT, ACC)
+                g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
+                                  softcap, HAS_SOFTCAP)
                 tl.store(grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
 
 
@@ -216,7 +268,7 @@ def _launch_config(V: int, dtype: torch.dtype) -> tuple[int, bool, int]:
     else:
         block = CHUNKED_BLOCK
         single = False
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    num_warps = 4 if block <= 2048 else 8
     return block, single, num_warps
 
 
@@ -238,7 +290,10 @@ def smoothed_xent_rows_out(
 ) -> None:
     """Launch the fused kernel, writing into the given buffers (grad_out may be logits).
 
-    With grad_out None (and grad_scale None) only the loss and lse are computed."""
+    target (N,) and weight (V,) may have any stride, 0 included. grad_scale holds one
+    element (0-d or (1,)) scaling every row, or N (any stride) scaling row i by
+    grad_scale[i]. With grad_out None (and grad_scale None) only the loss and lse are
+    computed."""
     N, V = logits.shape
     if N == 0:
         return
@@ -246,17 +301,30 @@ def smoothed_xent_rows_out(
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     has_weight = weight is not None
     write_grad = grad_out is not None
+    stride_grad_scale = _grad_scale_stride(grad_scale, N) if write_grad else 0
     unused = loss_out  # a valid pointer for the arguments a launch never reads
     smoothed_xent_fwd_kernel[(N,)](
         logits, grad_out if write_grad else logits, target,
         weight if has_weight else unused, weight_sum if has_weight else unused,
         grad_scale if write_grad else unused, loss_out, lse_out,
         logits.stride(0), grad_out.stride(0) if write_grad else 0,
+        target.stride(0), weight.stride(0) if has_weight else 0, stride_grad_scale,
         V, ignore_index,
         k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, logit_scale,
         HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0,
         BLOCK=block, SINGLE_PASS=single, ACC=acc, EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out),
         WRITE_GRAD=write_grad, num_warps=num_warps,
+    )
+
+
+def _grad_scale_stride(grad_scale: torch.Tensor, num_rows: int) -> int:
+    """The kernel's row stride into grad_scale: 0 for one value shared by every row."""
+    if grad_scale.numel() == 1 and grad_scale.dim() <= 1:
+        return 0
+    if grad_scale.dim() == 1 and grad_scale.shape[0] == num_rows:
+        return grad_scale.stride(0)
+    raise ValueError(
+        f"fused_ls: grad_scale must hold one element or one per row ({num_rows}), got shape {tuple(grad_scale.shape)}"
     )
 
 
@@ -275,41 +343,42 @@ def _emulate_rtne(out: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- registration
-# The same schema as the native op (csrc/ops.cpp), under its own name so both can be
+# The same schemas as the native ops (csrc/ops.cpp), under their own names so both can be
 # loaded at once; fused_ls/backends.py picks one by name, never by device.
 
+_ROW_ARGUMENTS = ("Tensor target, Tensor? weight, {grad_scale}float label_smoothing, bool smooth_others, "
+                  "int ignore_index, float z_loss, float softcap, float logit_scale")
 
-@torch.library.custom_op("fused_ls::smoothed_xent_rows_triton", mutates_args=())
-def smoothed_xent_rows(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, grad_scale: torch.Tensor,
-    label_smoothing: float, smooth_others: bool, ignore_index: int,
-    z_loss: float, softcap: float, logit_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def _rows(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
+          logit_scale):
     loss, lse = _row_outputs(logits)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss,
+         softcap, logit_scale)
     return loss, lse, grad
 
 
-@torch.library.custom_op("fused_ls::smoothed_xent_rows_triton_", mutates_args=("logits",))
-def smoothed_xent_rows_(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, grad_scale: torch.Tensor,
-    label_smoothing: float, smooth_others: bool, ignore_index: int,
-    z_loss: float, softcap: float, logit_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
+                  logit_scale):
+    # Rows that share memory would each write the gradient of the others' logits. As
+    # at::assert_no_internal_overlap, only a certain overlap (1) is refused, not "cannot tell" (2).
+    if torch._debug_has_internal_overlap(logits) == 1:
+        raise RuntimeError(
+            "fused_ls: inplace_backward needs logits whose rows do not share memory "
+            f"(got shape {tuple(logits.shape)}, strides {logits.stride()}); "
+            "call .contiguous() first or drop inplace_backward"
+        )
     loss, lse = _row_outputs(logits)
-    _run(logits, target, weight, grad_scale, logits, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    _run(logits, target, weight, grad_scale, logits, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss,
+         softcap, logit_scale)
     return loss, lse
 
 
-@torch.library.custom_op("fused_ls::smoothed_xent_rows_loss_triton", mutates_args=())
-def smoothed_xent_rows_loss(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-    label_smoothing: float, smooth_others: bool, ignore_index: int,
-    z_loss: float, softcap: float, logit_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_loss(logits, target, weight, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale):
     loss, lse = _row_outputs(logits)
-    _run(logits, target, weight, None, None, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
+    _run(logits, target, weight, None, None, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
+         logit_scale)
     return loss, lse
 
 
@@ -319,24 +388,36 @@ def _row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
 
 
-def _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale):
+def _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss,
+         softcap, logit_scale):
     k_s, k_t = smoothing_masses(label_smoothing, logits.shape[1], smooth_others)
-    weight_sum = weight.sum(dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64) if weight is not None else None
+    weight_sum = None
+    if weight is not None:
+        weight_sum = weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
     smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse,
                            k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
 
 
-@smoothed_xent_rows.register_fake
-def _(logits, target, weight, grad_scale, *args):
+def _fake_rows(logits, *args):
     loss, lse = _row_outputs(logits)
     return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@smoothed_xent_rows_.register_fake
-def _(logits, target, weight, grad_scale, *args):
+def _fake_row_outputs(logits, *args):
     return _row_outputs(logits)
 
 
-@smoothed_xent_rows_loss.register_fake
-def _(logits, target, weight, *args):
-    return _row_outputs(logits)
+smoothed_xent_rows = define_op(
+    "smoothed_xent_rows_triton(Tensor logits, " + _ROW_ARGUMENTS.format(grad_scale="Tensor grad_scale, ")
+    + ") -> (Tensor, Tensor, Tensor)",
+    default=_rows, fake=_fake_rows,
+)
+smoothed_xent_rows_ = define_op(
+    "smoothed_xent_rows_triton_(Tensor(a!) logits, " + _ROW_ARGUMENTS.format(grad_scale="Tensor grad_scale, ")
+    + ") -> (Tensor, Tensor)",
+    default=_rows_inplace, fake=_fake_row_outputs, mutated=(0,),
+)
+smoothed_xent_rows_loss = define_op(
+    "smoothed_xent_rows_loss_triton(Tensor logits, " + _ROW_ARGUMENTS.format(grad_scale="") + ") -> (Tensor, Tensor)",
+    default=_rows_loss, fake=_fake_row_outputs,
+)
