@@ -1,0 +1,152 @@
+"""Compile every Triton kernel configuration our launchers choose for real NVIDIA GPUs, with no GPU.
+
+    python tests/triton_targets.py [--arch 80 90 100] [--json OUT]
+
+A stand-in driver reports a CUDA target; a JIT cache hook catches each launch the launchers
+make (their real choice of block, warps and specialisation, from CPU tensors of the right
+shapes) and stops it before anything runs; each caught configuration is then compiled by
+Triton's full pipeline for each architecture, and the bundled ptxas reports its registers,
+spills and shared memory. Exits 1 on a compile error or a spill. Run it without
+TRITON_INTERPRET (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Vocabulary sizes that reach each launcher configuration, LLM vocabularies included.
+VOCABULARIES = (1000, 4096, 16384, 32000, 50257, 128256, 256000)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _ReportedTarget:
+    """Just enough of a Triton driver to say which GPU to compile for."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def caught_launches() -> list[dict]:
+    """The (kernel, signature, constants, options) of every launch the launchers make."""
+    from fused_ls.triton import linear as linear_kernels
+    from fused_ls.triton import smoothed_xent as row_kernels
+
+    launches: dict[str, dict] = {}
+
+    def catch(*, key, repr, fn, compile, **_):
+        launches.setdefault(str(key), {"fn": fn.jit_function, "repr": repr, **compile})
+        return True  # compiled by us below, for every architecture; nothing is launched
+
+    knobs.runtime.jit_cache_hook = catch
+    try:
+        for dtype in DTYPES:
+            for V in VOCABULARIES:
+                logits = torch.empty(2, V, dtype=dtype)
+                target = torch.zeros(2, dtype=torch.int64)
+                rows = torch.empty(2, dtype=torch.float32)
+                one = torch.ones((), dtype=torch.float32)
+                for weight in (None, torch.ones(V)):
+                    weight_sum = None if weight is None else one
+                    for softcap in (0.0, 30.0):
+                        for grad in (torch.empty_like(logits), None):
+                            row_kernels.smoothed_xent_rows_out(
+                                logits, target, weight, weight_sum, one if grad is not None else None, grad,
+                                rows, rows.clone(), 0.1 / V, 0.9, -100, 0.0, softcap, 1.0)
+                row_kernels.scale_rows_(logits, torch.ones(2))
+            linear_kernels.compensated_add_(torch.empty(4096, dtype=dtype), torch.empty(4096, dtype=torch.bfloat16),
+                                            torch.empty(4096), False)
+    finally:
+        knobs.runtime.jit_cache_hook = None
+    return list(launches.values())
+
+
+def resources(ptx: str, arch: int) -> dict:
+    """Registers, spills and shared memory of one kernel, from ptxas -v."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        ptxas = nvidia.get_ptxas(arch).path
+    except TypeError:  # Triton versions whose get_ptxas takes no architecture
+        ptxas = nvidia.get_ptxas().path
+    gpu_name = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE).group(1)  # sm_90a where Triton chose it
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", str(source), "-o", str(Path(tmp) / "k.o")],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr)
+    text = result.stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "shared_bytes": number(r"(\d+) bytes smem"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
+        return 2
+
+    rows, failures = [], []
+    for arch in args.arch:
+        triton.runtime.driver.set_active(_ReportedTarget(arch))
+        for launch in caught_launches():
+            options = {k: launch[k] for k in ("num_warps", "num_ctas", "num_stages")}
+            name = launch["repr"]
+            try:
+                source = ASTSource(launch["fn"], launch["signature"], launch["constants"], launch["configs"][0])
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+                row = {"arch": arch, "kernel": name, **resources(compiled.asm["ptx"], arch)}
+            except Exception as exc:  # noqa: BLE001  (every failure is reported, then the exit code says so)
+                failures.append(f"sm_{arch} {name}: {type(exc).__name__}: {str(exc)[:500]}")
+                continue
+            rows.append(row)
+            if row["spill_stores"] or row["spill_loads"]:
+                failures.append(f"sm_{arch} {name}: spills {row['spill_stores']} B stored, {row['spill_loads']} B loaded")
+    for row in rows:
+        print(f"sm_{row['arch']:<4} regs {row['registers']:>3}  spills {row['spill_stores']:>4}/{row['spill_loads']:<4} "
+              f"smem {row['shared_bytes']:>6}  {row['kernel'][:150]}")
+    print(f"{len(rows)} kernel configurations compiled for sm_{', sm_'.join(map(str, args.arch))}; "
+          f"{len(failures)} failures")
+    for failure in failures:
+        print("FAILED", failure)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 1 if failures or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
