@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,16 +248,19 @@ TORCH_LIKE_NVCC_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_cuda_sources_compile_with_nvcc(arch, tmp_path):
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_100"])
+def test_cuda_sources_compile_with_nvcc_without_spills(arch, tmp_path):
     nvcc = _require_nvcc()
     sources = sorted(CSRC.glob("cuda/*.cu"))
     assert sources, "no CUDA sources found"
     for source in sources:
-        cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings", *TORCH_LIKE_NVCC_FLAGS,
-               str(source), "-o", str(tmp_path / f"{source.stem}.o")]
+        cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-arch={arch}", "-Werror", "all-warnings", "-Xptxas", "-v",
+               *TORCH_LIKE_NVCC_FLAGS, str(source), "-o", str(tmp_path / f"{source.stem}.o")]
         result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+        assert spills, result.stderr[-3000:]  # ptxas reported every kernel
+        assert all(stores == loads == "0" for stores, loads in spills), result.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")

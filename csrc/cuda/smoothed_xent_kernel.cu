@@ -189,6 +189,20 @@ __device__ Partial<acc_t> block_reduce(Partial<acc_t> v) {
 template <int kCount, typename acc_t>
 __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64_t c, acc_t ref, int64_t skip,
                            const Params<acc_t>& p) {
+  // fp64: sum_wd before the exps, not interleaved with them. Each fp64 exp keeps its
+  // polynomial's coefficients in register pairs, and with the weight loads and `skip` live
+  // beside two of them, ptxas spilled at the 64 registers it aims for under
+  // __launch_bounds__(512) (two resident blocks of 512). The same sums in the same order:
+  // sum_wd and sum_exp are separate accumulators. fp32 keeps the interleaved order (reordered,
+  // one fp32 kernel gained a register on sm_80).
+  constexpr bool kDeviationsFirst = sizeof(acc_t) == 8;
+  if constexpr (kDeviationsFirst) {
+#pragma unroll
+    for (int j = 0; j < kCount; ++j) {
+      const acc_t w = p.weight != nullptr ? p.weight[c + j] : acc_t(1);
+      part.sum_wd += w != acc_t(0) && c + j != skip ? w * (y[j] - ref) : acc_t(0);  // as below
+    }
+  }
   acc_t local_max = y[0];
 #pragma unroll
   for (int j = 1; j < kCount; ++j) local_max = max_(local_max, y[j]);
@@ -201,9 +215,11 @@ __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64
 #pragma unroll
   for (int j = 0; j < kCount; ++j) {
     part.sum_exp += exp_(y[j] - base);
-    const acc_t w = p.weight != nullptr ? p.weight[c + j] : acc_t(1);
-    // A class of weight 0 adds exactly 0, even at y = -inf (0 * -inf would be NaN).
-    part.sum_wd += w != acc_t(0) && c + j != skip ? w * (y[j] - ref) : acc_t(0);
+    if constexpr (!kDeviationsFirst) {
+      const acc_t w = p.weight != nullptr ? p.weight[c + j] : acc_t(1);
+      // A class of weight 0 adds exactly 0, even at y = -inf (0 * -inf would be NaN).
+      part.sum_wd += w != acc_t(0) && c + j != skip ? w * (y[j] - ref) : acc_t(0);
+    }
   }
 }
 
