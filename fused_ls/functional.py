@@ -124,16 +124,16 @@ def smoothed_xent(
     if vocab_start is not None or vocab_size is not None:
         raise ValueError("vocab_start and vocab_size describe a slice of the classes: they need process_group")
     _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale,
-                     ignore_index=ignore_index)
+                     ignore_index=ignore_index, z_loss_denominator=z_loss_denominator, normalizer=normalizer,
+                     backend=backend, inplace_backward=inplace_backward, recompute_backward=recompute_backward)
     softcap = _effective_softcap(softcap)
     _check_targets(target, logits.shape[-1], ignore_index)
     weight, normalizer = z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss,
                                           z_loss_denominator)
     name = _backend_for(backend, logits)
-    if inplace_backward and recompute_backward:
-        raise ValueError("inplace_backward and recompute_backward exclude each other: the recomputing backward "
-                         "needs the logits intact")
     if name == "torch":
+        if inplace_backward and _is_functorch_wrapped(logits):
+            raise ValueError("inplace_backward cannot run under torch.func transforms (vmap, grad, ...)")
         if inplace_backward:
             raise ValueError("inplace_backward needs a fused backend ('triton' or 'native'), not 'torch'")
         # Autograd differentiates the eager formulation, which rounds its gradient once anyway.
@@ -182,8 +182,6 @@ def z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss
     their weights) and the mean divided by n, sum_i (w_t,i CE_i + z lse_i^2) becomes
     sum_i w_t,i CE_i / W + z sum_i lse_i^2 / n: Liger-Kernel's number, through the same kernels.
     """
-    if z_loss_denominator not in Z_LOSS_DENOMINATORS:
-        raise ValueError(f"z_loss_denominator must be one of {Z_LOSS_DENOMINATORS}, got {z_loss_denominator!r}")
     if z_loss_denominator == "weight" or weight is None or reduction != "mean" or z_loss == 0:
         return weight, normalizer
     if normalizer is not None:
@@ -235,8 +233,8 @@ class SmoothedCrossEntropyLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"SmoothedCrossEntropyLoss got unexpected keyword arguments {sorted(unknown)}")
         weight = kwargs.pop("weight", None)
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a tensor of class weights or None, got {type(weight).__name__}")
+        if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1):
+            raise TypeError(f"weight must be a 1-D tensor of class weights or None, got {getattr(weight, 'shape', weight)!r}")
         _check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _OPTION_KEYWORDS})
         self.register_buffer("weight", weight)
         self.label_smoothing = label_smoothing
@@ -282,6 +280,8 @@ class _FusedSmoothedXent(torch.autograd.Function):
         loss = _reduce_rows(loss_rows, reduction, grad_scale)
         if mode == "recompute":
             ctx.save_for_backward(logits, target, weight, grad_scale)
+        elif reduction == "none":
+            ctx.save_for_backward(grad, target)  # to give rows without a gradient no upstream
         else:
             ctx.save_for_backward(grad)
         ctx.loss_sum = loss_rows.sum() if reduction == "mean" and ctx.needs_input_grad[3] else None
@@ -290,35 +290,41 @@ class _FusedSmoothedXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        refuse_create_graph("smoothed_xent")
         if ctx.mode == "recompute":
             logits, target, weight, grad_scale = ctx.saved_tensors
             row_scale = (grad_scale * grad_loss.to(grad_scale.dtype)).reshape(-1)
             _, _, grad = backends.fused_ops(ctx.backend).rows(logits, target, weight, row_scale, *ctx.row_args)
         else:
-            (grad,) = ctx.saved_tensors
+            grad, *target = ctx.saved_tensors
+            if target:
+                # An ignored row's gradient is 0 whatever its upstream (inf included), as in PyTorch.
+                ignore_index, V = ctx.row_args[2], grad.shape[1]
+                has_gradient = not_ignored(target[0], ignore_index) & (target[0] >= 0) & (target[0] < V)
+                grad_loss = torch.where(has_gradient, grad_loss, 0.0)
             grad = _scale_saved_gradient(grad, grad_loss)
         grad_grad_scale = None
         if ctx.loss_sum is not None:
             grad_grad_scale = (ctx.loss_sum * grad_loss).to(grad_loss.dtype)
-        return refuse_double_backward(grad, "smoothed_xent"), None, None, grad_grad_scale, None, None, None, None
+        return grad, None, None, grad_grad_scale, None, None, None, None
 
 
-def refuse_double_backward(grad: torch.Tensor | None, what: str) -> torch.Tensor | None:
-    """`grad`, unless the backward is asked to record a graph (create_graph=True): a fused
-    kernel's gradient is a saved tensor, not a graph of ops, so a second derivative through it
-    would silently treat it as a constant. Refused at once, with the way out."""
+def refuse_create_graph(what: str) -> None:
+    """Called first in a fused backward: a fused kernel's gradient is a saved tensor, not a
+    graph of ops, so a backward that records a graph (create_graph=True, for a second
+    derivative) would silently treat it as a constant. Refused with the way out."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             f"{what}: the fused backends compute the gradient in their fused pass and cannot differentiate "
             "it again (create_graph=True, double backward, a gradient penalty); use backend='torch' for that"
         )
-    return grad
 
 
 def check_inplace_allowed(logits: torch.Tensor) -> None:
     """Autograd's rules for an in-place write, checked before the kernel overwrites `logits`
     with their gradient: never a leaf that requires grad, nor a view of one (a slice or
-    reshape of a parameter), whose data the write would destroy."""
+    reshape of a parameter), whose data the write would destroy; and never elements that
+    share memory (expanded or unfolded logits), whose gradients would overwrite each other."""
     base = logits._base if logits._base is not None else logits
     if base.is_leaf and base.requires_grad:
         what = "a leaf tensor" if base is logits else "a view of a leaf tensor"
@@ -326,6 +332,23 @@ def check_inplace_allowed(logits: torch.Tensor) -> None:
             f"inplace_backward would overwrite {what} that requires grad; "
             "use it on logits produced by an op (for example the LM head)"
         )
+    if _elements_overlap(logits):
+        raise ValueError(
+            f"inplace_backward needs logits whose elements do not share memory (got shape {tuple(logits.shape)}, "
+            f"strides {logits.stride()}: expanded or unfolded); call .contiguous() first or drop inplace_backward"
+        )
+
+
+def _elements_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` share memory: exact for any strides, where
+    torch._debug_has_internal_overlap answers "cannot tell" for unfolded views."""
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
+    span = 0  # the largest offset reachable with the dimensions of smaller stride
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _reduce_rows(loss_rows: torch.Tensor, reduction: str, grad_scale: torch.Tensor) -> torch.Tensor:
@@ -397,14 +420,9 @@ def not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 def _normalizer_tensor(normalizer, dtype, device) -> torch.Tensor:
     """`normalizer` as a 0-d tensor on `device`, with no host sync."""
+    _check_normalizer(normalizer)
     if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
-        if not normalizer.is_floating_point() and normalizer.dtype not in _INDEX_DTYPES:
-            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
         return normalizer.to(device=device, dtype=dtype)  # keep it on the logits' device: no copy
-    if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
-        raise TypeError(f"normalizer must be a number, a 0-d tensor or None, got {type(normalizer).__name__}")
     # torch.full passes the number to a fill kernel; torch.as_tensor would copy it from host
     # memory, a synchronising copy on CUDA that also breaks CUDA graph capture.
     return torch.full((), float(normalizer), dtype=dtype, device=device)
@@ -413,18 +431,26 @@ def _normalizer_tensor(normalizer, dtype, device) -> torch.Tensor:
 Z_LOSS_DENOMINATORS = ("weight", "tokens")
 
 # Keywords of smoothed_xent that SmoothedCrossEntropyLoss takes, and those _check_options checks.
-_OPTION_KEYWORDS = {"ignore_index", "reduction", "convention", "z_loss", "softcap", "logit_scale"}
-_MODULE_KEYWORDS = _OPTION_KEYWORDS | {
-    "weight", "normalizer", "return_lse", "inplace_backward", "recompute_backward", "process_group",
-    "z_loss_denominator",
-    "vocab_start", "vocab_size", "backend",
+_OPTION_KEYWORDS = {
+    "ignore_index", "reduction", "convention", "z_loss", "softcap", "logit_scale", "z_loss_denominator",
+    "normalizer", "backend", "inplace_backward", "recompute_backward",
 }
+_MODULE_KEYWORDS = _OPTION_KEYWORDS | {"weight", "return_lse", "process_group", "vocab_start", "vocab_size"}
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def _check_options(label_smoothing, *, ignore_index=-100, reduction="mean", convention="uniform", z_loss=0.0,
-                   softcap=None, logit_scale=1.0):
-    """The scalar options, with no tensor at hand (also run by the modules' constructors)."""
+                   softcap=None, logit_scale=1.0, z_loss_denominator="weight", normalizer=None, backend="auto",
+                   inplace_backward=False, recompute_backward=False):
+    """The options that need no tensor at hand (also run by the modules' constructors)."""
+    if backend not in ("auto", None) + backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + backends.BACKENDS}")
+    if z_loss_denominator not in Z_LOSS_DENOMINATORS:
+        raise ValueError(f"z_loss_denominator must be one of {Z_LOSS_DENOMINATORS}, got {z_loss_denominator!r}")
+    if inplace_backward and recompute_backward:
+        raise ValueError("inplace_backward and recompute_backward exclude each other: the recomputing backward "
+                         "needs the logits intact")
+    _check_normalizer(normalizer)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) and not _is_symbolic_number(
             label_smoothing):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
@@ -448,6 +474,19 @@ def _check_options(label_smoothing, *, ignore_index=-100, reduction="mean", conv
             raise ValueError(f"{name} must be finite, got {value}")
 
 
+def _check_normalizer(normalizer) -> None:
+    if normalizer is None:
+        return
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if not normalizer.is_floating_point() and normalizer.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"normalizer must be a real number, got a {normalizer.dtype} tensor")
+    elif isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) and not _is_symbolic_number(
+            normalizer):
+        raise TypeError(f"normalizer must be a number, a 0-d tensor or None, got {type(normalizer).__name__}")
+
+
 def _is_symbolic_number(value) -> bool:
     return isinstance(value, (torch.SymInt, torch.SymFloat))
 
@@ -458,7 +497,7 @@ def _effective_softcap(softcap):
 
 
 def _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap, logit_scale,
-                     num_classes=None, ignore_index=-100):
+                     num_classes=None, ignore_index=-100, **options):
     """`num_classes`: the global V when `logits` hold a slice of the classes (fused_ls.parallel)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("logits and target must be tensors")
@@ -496,7 +535,7 @@ def _check_arguments(logits, target, label_smoothing, weight, reduction, convent
                 "(as in F.cross_entropy): pass weight.detach()"
             )
     _check_options(label_smoothing, ignore_index=ignore_index, reduction=reduction, convention=convention,
-                   z_loss=z_loss, softcap=softcap, logit_scale=logit_scale)
+                   z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, **options)
     if convention == "others" and num_classes < 2:
         raise ValueError("convention='others' needs at least 2 classes")
 

@@ -70,10 +70,11 @@ from fused_ls.functional import (
     _backward_may_run_again,
     _check_arguments,
     _effective_softcap,
+    _is_functorch_wrapped,
     _gradient_scale,
     _reduce_rows,
     _check_options,
-    refuse_double_backward,
+    refuse_create_graph,
     z_loss_per_token,
 )
 from fused_ls.reference import smoothed_xent_reference
@@ -91,9 +92,9 @@ MIN_CHUNK_ROWS = 256
 # no faster on the CPU (1.2 s a step either way at 8192 x 512 x 32000 bf16 with 2M to 8M).
 SLAB_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
-_MODULE_KEYWORDS = _OPTION_KEYWORDS | {
-    "class_weight", "z_loss_denominator", "normalizer", "return_lse", "chunk_size", "grad_accumulation", "backend",
-}
+# smoothed_xent's options less the two about the logits buffer, which the head owns.
+_HEAD_OPTIONS = _OPTION_KEYWORDS - {"inplace_backward", "recompute_backward"}
+_MODULE_KEYWORDS = _HEAD_OPTIONS | {"class_weight", "return_lse", "chunk_size", "grad_accumulation"}
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -185,7 +186,11 @@ def smoothed_linear_xent(
     # checks speak for the arguments the two functions share.
     logits_like = hidden.new_empty(()).expand(*hidden.shape[:-1], V)
     _check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention,
-                     z_loss, softcap, logit_scale, ignore_index=ignore_index)
+                     z_loss, softcap, logit_scale, ignore_index=ignore_index, z_loss_denominator=z_loss_denominator,
+                     normalizer=normalizer, backend=backend)
+    if _is_functorch_wrapped(hidden) or _is_functorch_wrapped(weight):
+        raise ValueError("smoothed_linear_xent cannot run under torch.func transforms (vmap, grad, ...); "
+                         "use smoothed_xent(F.linear(hidden, weight, bias), target, backend='torch') there")
     softcap = _effective_softcap(softcap)
     functional._check_targets(target, V, ignore_index)  # CPU only; via the module so tests can watch it
     class_weight, normalizer = z_loss_per_token(target, class_weight, ignore_index, reduction, normalizer, z_loss,
@@ -229,9 +234,11 @@ class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
         unknown = set(kwargs) - _MODULE_KEYWORDS
         if unknown:
             raise TypeError(f"SmoothedLinearCrossEntropyLoss got unexpected keyword arguments {sorted(unknown)}")
-        _check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _OPTION_KEYWORDS})
-        if kwargs.get("grad_accumulation", GRAD_ACCUMULATIONS[0]) not in GRAD_ACCUMULATIONS:
-            raise ValueError(f"grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {kwargs['grad_accumulation']!r}")
+        _check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _HEAD_OPTIONS})
+        class_weight = kwargs.get("class_weight")
+        if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
+            raise TypeError(f"class_weight must be a 1-D tensor or None, got {getattr(class_weight, 'shape', class_weight)!r}")
+        _check_plan(kwargs.get("chunk_size"), kwargs.get("grad_accumulation", GRAD_ACCUMULATIONS[0]))
         self.register_buffer("class_weight", kwargs.pop("class_weight", None))
         self.label_smoothing = label_smoothing
         self.kwargs = kwargs
@@ -272,6 +279,7 @@ class _LinearSmoothedXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        refuse_create_graph("smoothed_linear_xent")
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.reduction == "none":
             hidden, weight, bias, target, class_weight, grad_scale = ctx.saved_tensors
@@ -288,8 +296,7 @@ class _LinearSmoothedXent(torch.autograd.Function):
             )
         loss_sum = getattr(ctx, "loss_sum", None)
         grad_grad_scale = None if loss_sum is None else loss_sum * grad_loss
-        grads = tuple(refuse_double_backward(g, "smoothed_linear_xent") for g in (grad_hidden, grad_weight, grad_bias))
-        return grads + (None, None, grad_grad_scale) + (None,) * 11
+        return (grad_hidden, grad_weight, grad_bias) + (None, None, grad_grad_scale) + (None,) * 11
 
 
 def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, plan, row_args,
@@ -542,6 +549,10 @@ def _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulatio
         not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1 or class_weight.shape[0] != V
     ):
         raise ValueError(f"class_weight must be a 1-D tensor of {V} class weights")
+    _check_plan(chunk_size, grad_accumulation)
+
+
+def _check_plan(chunk_size, grad_accumulation):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if grad_accumulation not in GRAD_ACCUMULATIONS:

@@ -76,7 +76,7 @@ from fused_ls.functional import (
     _effective_softcap,
     _normalizer_tensor,
     _scale_saved_gradient,
-    refuse_double_backward,
+    refuse_create_graph,
 )
 from fused_ls.reference import transform_logits
 from fused_ls.smoothing import smoothing_masses
@@ -269,8 +269,8 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
             grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         for rows in _row_blocks(n_rows, local_size):
             _local_gradient(
-                logits[rows], weight, column[rows], lse[rows], p_coef[rows], smooth_coef[rows], true_coef[rows],
-                plan, out=grad[rows],
+                logits[rows], weight, column[rows], row_max[rows], log_sum[rows], p_coef[rows], smooth_coef[rows],
+                true_coef[rows], plan, out=grad[rows],
             )
 
         if plan.reduction == "none":
@@ -281,7 +281,8 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
             loss = loss_rows.sum() / 0.0  # PyTorch's mean of an empty batch
         else:
             loss = loss_rows.sum() * grad_scale
-        ctx.save_for_backward(grad)
+        # With reduction="none", rows without a gradient get no upstream (inf included), as in PyTorch.
+        ctx.save_for_backward(grad, *((active,) if plan.reduction == "none" else ()))
         # A tensor normalizer n that requires grad is differentiated: d(sum / n)/dn = -sum / n^2.
         ctx.normalizer_grad = None
         if plan.reduction == "mean" and normalizer is not None and ctx.needs_input_grad[3]:
@@ -291,8 +292,11 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        (grad,) = ctx.saved_tensors  # the slice's gradient: no collective needed
-        grad = refuse_double_backward(_scale_saved_gradient(grad, grad_loss), "smoothed_xent (vocabulary parallel)")
+        refuse_create_graph("smoothed_xent (vocabulary parallel)")
+        grad, *active = ctx.saved_tensors  # the slice's gradient: no collective needed
+        if active:
+            grad_loss = torch.where(active[0], grad_loss, 0.0)
+        grad = _scale_saved_gradient(grad, grad_loss)
         grad_normalizer = None if ctx.normalizer_grad is None else ctx.normalizer_grad * grad_loss
         return grad, None, None, grad_normalizer, None
 
@@ -324,10 +328,11 @@ def _local_statistics(x, weight, column, owned, w_t, weight_sum, plan, *, out_ma
     out_loss.copy_(torch.where(row_max.squeeze(1) > -math.inf, loss, 0.0))
 
 
-def _local_gradient(x, weight, column, lse, p_coef, smooth_coef, true_coef, plan, *, out):
+def _local_gradient(x, weight, column, row_max, log_sum, p_coef, smooth_coef, true_coef, plan, *, out):
     """d(loss)/dx for a block of rows of this rank's slice, rounded once into `out`."""
-    y = transform_logits(x.to(lse.dtype), plan.logit_scale, plan.softcap)
-    grad = torch.exp(y - lse.unsqueeze(1))
+    y = transform_logits(x.to(log_sum.dtype), plan.logit_scale, plan.softcap)
+    # p = exp((y - m) - log s): y - m is exact for nearby large logits, y - lse is not.
+    grad = torch.exp((y - row_max.unsqueeze(1)).sub_(log_sum.unsqueeze(1)))
     grad.mul_(p_coef.unsqueeze(1))
     if weight is not None:
         grad.addr_(smooth_coef, weight, alpha=-1.0)

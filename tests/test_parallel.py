@@ -76,6 +76,9 @@ CASES = {
     "float32_logits": dict(dtype=torch.float32, weight=True, kwargs=dict(z_loss=1e-3)),
     "bfloat16_logits": dict(dtype=torch.bfloat16, ignore_fraction=0.2),
     "logits_offset_by_100": dict(dtype=torch.float32, offset=100.0),
+    "logits_offset_by_1e4_keep_a_shift_invariant_gradient": dict(dtype=torch.float32, offset=1e4, scale=1.0),
+    "an_ignored_row_gets_no_gradient_from_an_infinite_upstream": dict(
+        kwargs=dict(reduction="none"), upstream="inf_on_ignored", ignore_fraction=0.3),
     "masked_slice_costs_nothing_without_smoothing": dict(masked=True, targets="first_slice",
                                                          kwargs=dict(label_smoothing=0.0)),
     "masked_slice_with_smoothing_is_inf_with_a_finite_gradient": dict(
@@ -132,6 +135,8 @@ def _full_inputs(case: dict, world: int, generator: torch.Generator):
         target = target.int()
     weight = torch.rand(V, dtype=torch.float64, generator=generator) + 0.2 if case.get("weight") else None
     upstream = torch.randn(shape, dtype=torch.float64, generator=generator) if case.get("upstream") else None
+    if case.get("upstream") == "inf_on_ignored":
+        upstream = torch.where(ignored, math.inf, upstream)
     return sizes, starts, logits, target, weight, upstream
 
 

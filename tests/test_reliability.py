@@ -200,12 +200,14 @@ def test_the_eager_backend_is_twice_differentiable(device):
     assert torch.autograd.gradgradcheck(lambda x: smoothed_xent(x, target, 0.2, **kwargs), (x,))
 
 
-def test_a_second_derivative_through_the_fused_linear_head_raises(fused_backend, device):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_second_derivative_through_the_fused_linear_head_raises(fused_backend, device, reduction):
     hidden = torch.randn(4, 3, device=device, requires_grad=True)
     weight = torch.randn(9, 3, device=device)
     target = torch.randint(0, 9, (4,), device=device)
     with pytest.raises(RuntimeError, match="cannot differentiate it again"):
-        _gradient_penalty(lambda h: smoothed_linear_xent(h, weight, target, backend=fused_backend), hidden)
+        _gradient_penalty(
+            lambda h: smoothed_linear_xent(h, weight, target, reduction=reduction, backend=fused_backend).sum(), hidden)
 
 
 # ----------------------------------------------------------------------------- in place
@@ -225,11 +227,26 @@ def test_inplace_refuses_a_view_of_a_parameter(fused_backend, device, shape, mak
     assert torch.equal(param.detach(), before)
 
 
-def test_inplace_refuses_rows_that_share_memory(fused_backend, device):
-    row = torch.randn(1, 10, device=device, requires_grad=True)
-    logits = (row * 1.0).expand(4, 10)  # an op output whose rows are one row in memory
-    with pytest.raises(RuntimeError, match="share memory|internal overlap|single memory location"):
+@pytest.mark.parametrize("share", [
+    pytest.param(lambda x: x[:1].expand(4, 10), id="expanded"),
+    pytest.param(lambda x: x.reshape(-1)[:20].unfold(0, 10, 3)[:4], id="unfolded"),  # strides (3, 1)
+])
+def test_inplace_refuses_logits_whose_elements_share_memory(fused_backend, device, share):
+    x = torch.randn(4, 10, device=device, requires_grad=True)
+    logits = share(x * 1.0)  # an op output, viewed so that rows overlap
+    with pytest.raises(ValueError, match="do not share memory"):
         smoothed_xent(logits, torch.tensor([0, 1, 2, 3], device=device), inplace_backward=True, backend=fused_backend)
+
+
+def test_an_ignored_row_gets_no_gradient_whatever_its_upstream(backend, device):
+    for mode in ({}, {"recompute_backward": True}, {"inplace_backward": True}):
+        if backend == "torch" and mode.get("inplace_backward"):
+            continue
+        leaf = torch.randn(3, 6, device=device, requires_grad=True)
+        loss = smoothed_xent(leaf * 1.0, torch.tensor([1, -100, 2], device=device), 0.1, reduction="none",
+                             backend=backend, **mode)
+        loss.backward(torch.tensor([1.0, math.inf, 0.5], device=device))
+        assert torch.all(leaf.grad[1] == 0) and torch.isfinite(leaf.grad).all(), mode
 
 
 # ----------------------------------------------------------------------------- compilation
@@ -346,6 +363,34 @@ def test_a_normalizer_that_requires_grad_is_differentiated(backend, device):
     torch.testing.assert_close(normalizer.grad, -row_sum / 2.5**2, rtol=1e-7, atol=1e-9)
 
 
+def test_the_modules_check_their_tensors_and_exclusive_options_when_built():
+    with pytest.raises(TypeError, match="1-D"):
+        SmoothedCrossEntropyLoss(0.1, weight=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="exclude each other"):
+        SmoothedCrossEntropyLoss(0.1, inplace_backward=True, recompute_backward=True)
+    with pytest.raises(TypeError, match="1-D"):
+        SmoothedLinearCrossEntropyLoss(0.1, class_weight=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="chunk_size"):
+        SmoothedLinearCrossEntropyLoss(0.1, chunk_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SmoothedLinearCrossEntropyLoss(0.1, inplace_backward=True)
+
+
+def test_a_malformed_normalizer_is_refused_on_every_backend(backend, device):
+    logits, target = torch.randn(2, 4, device=device), torch.tensor([0, 1], device=device)
+    with pytest.raises(ValueError, match="0-d tensor"):
+        smoothed_xent(logits, target, normalizer=torch.tensor([3.0, 4.0], device=device), backend=backend)
+    with pytest.raises(TypeError, match="normalizer must be a number"):
+        smoothed_xent(logits, target, normalizer="3", backend=backend)
+
+
+def test_the_linear_head_under_vmap_says_what_to_use(device):
+    hidden, weight = torch.randn(3, 4, 5, device=device), torch.randn(7, 5, device=device)
+    target = torch.randint(0, 7, (3, 4), device=device)
+    with pytest.raises(ValueError, match="torch.func transforms"):
+        torch.vmap(lambda h, t: smoothed_linear_xent(h, weight, t))(hidden, target)
+
+
 def test_the_module_refuses_class_weights_in_the_label_smoothing_slot():
     with pytest.raises(TypeError, match="pass class weights as weight="):
         SmoothedCrossEntropyLoss(torch.ones(5))
@@ -358,6 +403,10 @@ def test_the_module_refuses_class_weights_in_the_label_smoothing_slot():
     (dict(softcap=-1.0), ValueError),
     (dict(z_loss=math.nan), ValueError),
     (dict(label_smoothin=0.1), TypeError),
+    (dict(backend="bogus"), ValueError),
+    (dict(z_loss_denominator="x"), ValueError),
+    (dict(normalizer="3"), TypeError),
+    (dict(normalizer=torch.ones(2)), ValueError),
 ])
 @pytest.mark.parametrize("module", [SmoothedCrossEntropyLoss, SmoothedLinearCrossEntropyLoss])
 def test_the_modules_check_their_arguments_when_built(module, kwargs, error):
