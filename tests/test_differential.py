@@ -77,7 +77,15 @@ def oracle_rows(x, target, eps, *, weight=None, ignore_index=-100, convention="u
     loss = contrib.sum(1) + z_loss * lse**2
     coef = (q.sum(1) + 2.0 * z_loss * lse)[:, None]
     grad = (coef * p - q) * dydx
-    magnitude = (coef.abs() * p + q.abs()) * dydx.abs()
+    # The kernels form the true class's mass as k_s w_t + k_t w_t; in "others" near eps = 1
+    # the two cancel, so each enters the error bound with its own size (Triton rounds both
+    # to float32 even for float64 logits).
+    k_s = eps / V if convention == "uniform" else eps / (V - 1)
+    k_t = 1.0 - eps if convention == "uniform" else 1.0 - eps - k_s
+    safe = torch.where(valid, target.long(), torch.zeros_like(target.long()))
+    w_t = (torch.ones(V, dtype=torch.float64) if weight is None else weight.double().abs())[safe] * valid
+    terms = q.abs() + F.one_hot(safe, V).double() * ((abs(k_s) + abs(k_t)) * w_t)[:, None]
+    magnitude = (coef.abs() * p + terms) * dydx.abs()
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     grad = torch.where(valid[:, None], grad, torch.zeros_like(grad))
     magnitude = torch.where(valid[:, None], magnitude, torch.zeros_like(magnitude))
