@@ -191,9 +191,7 @@ def z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss
     valid = not_ignored(target, ignore_index)
     acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     count = valid.sum(dtype=acc_dtype)
-    V = weight.shape[0]
-    safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
-    weight_sum = (weight.to(acc_dtype)[safe_target] * valid).sum()
+    weight_sum = _target_weight_sum(target, valid, weight, acc_dtype)
     # Every row ignored: nothing is scaled (the mean is 0 either way).
     ratio = torch.where(count != 0, count / weight_sum, 1.0)
     return weight.to(acc_dtype) * ratio, count
@@ -396,9 +394,16 @@ def _gradient_scale(target, weight, ignore_index, reduction, normalizer, V, dtyp
     elif weight is None:
         denom = count
     else:
-        safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
-        denom = (weight.detach().to(dtype)[safe_target] * valid).sum()
+        denom = _target_weight_sum(target, valid, weight.detach(), dtype)
     return mean_scale(count, denom)
+
+
+def _target_weight_sum(target, valid, weight, dtype) -> torch.Tensor:
+    """sum of the class weights of the non-ignored targets; an out-of-range target (a NaN row
+    on CUDA) is never used as an index."""
+    V = weight.shape[0]
+    safe_target = torch.where(valid & (target >= 0) & (target < V), target, torch.zeros_like(target))
+    return (weight.to(dtype)[safe_target] * valid).sum()
 
 
 def mean_scale(count: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
