@@ -1,15 +1,18 @@
 """Fixtures for `pytest bench` (pytest-benchmark): devices, cases, providers, timing, memory.
 
-Every benchmark module in bench/ can use these; the measuring itself lives in
-fused_ls.bench (the same code `python -m fused_ls bench` runs).
+Every benchmark module in bench/ can use these. What is measured and how (cases, providers,
+workloads, timing in turns, memory, checks) is imported from fused_ls.bench, the same code
+`python -m fused_ls bench` runs; this folder adds pytest-benchmark's front end only.
 
 Options (pytest bench --help, group "fused_ls bench"):
     --bench-device cpu|cuda      default: cuda if available
+    --bench-full                 the whole table instead of the representative default set
     --bench-shapes 4096x32000,1024x128256:bf16   default: the device's set (fused_ls.bench.cases)
     --bench-dtypes fp32,bf16     dtypes for shapes that name none
     --bench-providers eager,native,...           default: every registered provider
     --bench-modes fwd+bwd,fwd    default: both; eval: under torch.no_grad()
     --bench-rounds N             timed rounds (median reported); default 5 cpu, 10 cuda
+                                 (fused_ls.bench.measure.default_rounds)
     --bench-no-memory            skip peak-memory measurements
 
 Fixtures for other modules:
@@ -33,14 +36,16 @@ import os
 import pytest
 import torch
 
-from fused_ls.bench.cases import select_cases
-from fused_ls.bench.measure import as_workload, environment, peak_extra_memory
-from fused_ls.bench.workloads import DEFAULT_MODES, PROVIDERS, select_providers
+from fused_ls.bench.cases import select_cases, split_names
+from fused_ls.bench.measure import default_rounds, environment, peak_extra_memory
+from fused_ls.bench.workload import as_workload
+from fused_ls.bench.xent import DEFAULT_MODES, PROVIDERS, select_providers
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fused_ls bench")
     group.addoption("--bench-device", choices=("cpu", "cuda"), help="device to benchmark on")
+    group.addoption("--bench-full", action="store_true", help="the whole table (default: the representative set)")
     group.addoption("--bench-shapes", help="ROWSxCLASSES[:dtype],... (default: the device's set)")
     group.addoption("--bench-dtypes", help="dtypes for shapes that name none, e.g. fp32,bf16")
     group.addoption("--bench-providers", help=f"subset of {','.join(PROVIDERS)}")
@@ -54,23 +59,20 @@ def _device(config) -> torch.device:
     return torch.device(name)
 
 
-def _split(text):
-    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
-
-
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     device = _device(config)
     # case outermost and provider innermost, so eager runs first within each case and mode
     if "case" in metafunc.fixturenames:
-        cases = select_cases(device, config.getoption("--bench-shapes"), config.getoption("--bench-dtypes"))
+        cases = select_cases(device, config.getoption("--bench-shapes"), config.getoption("--bench-dtypes"),
+                             full=config.getoption("--bench-full"))
         metafunc.parametrize("case", cases, ids=[c.name for c in cases])
     if "mode" in metafunc.fixturenames:
-        metafunc.parametrize("mode", _split(config.getoption("--bench-modes")))
+        metafunc.parametrize("mode", split_names(config.getoption("--bench-modes")))
     if "provider" in metafunc.fixturenames:
-        runnable, skipped = select_providers(device, _split(config.getoption("--bench-providers")))
+        runnable, skipped = select_providers(device, split_names(config.getoption("--bench-providers")))
         params = [name if name in runnable else pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {skipped[name]}"))
-                  for name in (_split(config.getoption("--bench-providers")) or list(PROVIDERS))]
+                  for name in (split_names(config.getoption("--bench-providers")) or list(PROVIDERS))]
         metafunc.parametrize("provider", params)
 
 
@@ -89,10 +91,8 @@ def bench_seed() -> int:
 @pytest.fixture(scope="session")
 def bench_rounds(pytestconfig, bench_device) -> tuple[int, int]:
     """(warm-up rounds, timed rounds)."""
-    rounds = pytestconfig.getoption("--bench-rounds")
-    if bench_device.type == "cuda":
-        return 3, rounds or 10
-    return 1, rounds or 5
+    warmup, rounds = default_rounds(bench_device)
+    return warmup, pytestconfig.getoption("--bench-rounds") or rounds
 
 
 @pytest.fixture(scope="session")

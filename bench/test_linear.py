@@ -1,6 +1,6 @@
 """The fused linear head against the materialised path and torch's F.linear_cross_entropy.
 
-    pytest bench/test_linear.py -s                      issue 6's cases (heavy on a CPU)
+    pytest bench/test_linear.py -s                      the target cases (heavy on a CPU)
     FUSED_LS_BENCH_LINEAR_SHAPES=1024x1024x32064 FUSED_LS_BENCH_LINEAR_DTYPES=bf16 \
         pytest bench/test_linear.py -s --bench-rounds 3  a scaled case
     FUSED_LS_BENCH_LINEAR_OUT=linear.md ...             also write the table there
@@ -11,7 +11,8 @@ extra memory, and a check against the materialised path (norm-wise relative diff
 of the loss and both gradients). "Peak extra" is the step's peak above the inputs
 (bench/conftest's peak_memory: RSS in a fresh subprocess on the CPU, the caching allocator
 on CUDA) minus the gradients every provider returns (dL/dh and dL/dW in the inputs' dtype),
-so it counts what a provider needs beyond its inputs and its outputs.
+so it counts what a provider needs beyond its inputs and its outputs. The providers, the
+step, the check and the memory builder are in fused_ls.bench.linear_head.
 
 pytest-benchmark times one provider after another, so a change in the machine's load between
 two tests falls on one provider only. test_linear_head_in_turns therefore times every provider
@@ -19,7 +20,7 @@ of a case again, taking turns round by round (fused_ls.bench.measure.time_interl
 `python -m fused_ls bench` does): its second table is the one to read the time ratios from on
 a shared machine. Select one kind with -k "in_turns" or -k "not in_turns".
 
-Issue 6's targets, read off the tables printed at the end: fused_ls's peak extra at most 1/8
+The targets, read off the tables printed at the end: fused_ls's peak extra at most 1/8
 of the materialised path's and no more than torch's; its time no worse than the materialised
 path's and better than torch's. Benchmarks report; they do not assert speed.
 """
@@ -28,12 +29,10 @@ from __future__ import annotations
 
 import os
 
-import statistics
-
 import pytest
-from linear_workloads import PROVIDERS, TOLERANCE, HeadCase, HeadWorkload, relative_difference
 
-from fused_ls.bench.measure import time_interleaved
+from fused_ls.bench.linear_head import BUILDER, PROVIDERS, TOLERANCE, HeadCase, HeadWorkload, relative_difference
+from fused_ls.bench.measure import median, time_interleaved
 
 SHAPES = os.environ.get("FUSED_LS_BENCH_LINEAR_SHAPES", "4096x1024x128256,8192x512x32000").split(",")
 DTYPE_NAMES = os.environ.get("FUSED_LS_BENCH_LINEAR_DTYPES", "fp32,bf16").split(",")
@@ -90,7 +89,7 @@ def test_linear_head(benchmark, head_case, head_provider, bench_device, bench_se
     info = {"case": case.name, "provider": provider, "description": PROVIDERS[provider].description,
             "median_ms": ms, "check_rel_diff": check}
     if bench_memory_enabled:
-        peak = peak_memory("linear_workloads:build", provider=provider, tokens=case.tokens, hidden=case.hidden,
+        peak = peak_memory(BUILDER, provider=provider, tokens=case.tokens, hidden=case.hidden,
                            vocab=case.vocab, dtype=case.dtype, device=str(bench_device), seed=bench_seed)
         info["peak_bytes"] = peak
         info["peak_extra_bytes"] = max(0, peak - case.gradient_bytes)
@@ -112,7 +111,7 @@ def test_linear_head_in_turns(head_case, bench_device, bench_seed, bench_rounds,
         if name in failed:
             results.turns[(head_case.name, name)] = f"failed: {type(failed[name]).__name__}"
         else:
-            results.turns[(head_case.name, name)] = statistics.median(times[name]) / 1e3
+            results.turns[(head_case.name, name)] = median(times[name]) / 1e3
     results.env = bench_environment
     assert not failed, failed
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import pytest
 
-from fused_ls.bench.cases import make_inputs
-from fused_ls.bench.measure import CopyWorkload, bytes_moved, gbps
-from fused_ls.bench.suite import LOSS_BUILDER
-from fused_ls.bench.workloads import LABEL_SMOOTHING, LossWorkload, check_against, select_providers
+from fused_ls.bench.cases import make_inputs, split_names
+from fused_ls.bench.measure import bytes_moved, gbps, peak_extra_memory
+from fused_ls.bench.suite import LOSS_BUILDER, ratios
+from fused_ls.bench.workload import CopyWorkload
+from fused_ls.bench.xent import LABEL_SMOOTHING, LossWorkload, check_against, select_providers
 
 
 class _Session:
@@ -52,20 +53,14 @@ def test_copy(benchmark, case, bench_device, bench_seed, run_benchmark, record_e
 def _memory(case, bench_device, bench_seed, pytestconfig, store) -> dict:
     """Peak extra memory of every selected (provider, mode) of the case, measured at its
     first use: on the CPU one subprocess for the whole case."""
-    from fused_ls.bench.measure import peak_extra_memory
-
     if case.name not in store.memory:
-        providers, _ = select_providers(bench_device, _split(pytestconfig.getoption("--bench-providers")))
-        modes = _split(pytestconfig.getoption("--bench-modes"))
+        providers, _ = select_providers(bench_device, split_names(pytestconfig.getoption("--bench-providers")))
+        modes = split_names(pytestconfig.getoption("--bench-modes"))
         keys = [(p, m) for p in providers for m in modes]
         jobs = [(LOSS_BUILDER, {"provider": p, "case": case.name, "mode": m, "device": str(bench_device),
                                 "seed": bench_seed}) for p, m in keys]
         store.memory = {case.name: dict(zip(keys, peak_extra_memory(bench_device, jobs)))}
     return store.memory[case.name]
-
-
-def _split(text):
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
 def test_loss(benchmark, case, mode, provider, bench_device, bench_seed, run_benchmark, record_env, session_store,
@@ -88,17 +83,10 @@ def test_loss(benchmark, case, mode, provider, bench_device, bench_seed, run_ben
     info = {"case": case.name, "rows": case.rows, "classes": case.classes, "dtype": case.dtype, "mode": mode,
             "provider": provider, "label_smoothing": LABEL_SMOOTHING, "bytes": nbytes, "median_ms": ms,
             "gbps": gbps(nbytes, ms), "check": check}
-    copy = store.copy_gbps.get(case.name)
-    info["pct_of_copy"] = 100 * info["gbps"] / copy if copy and info["gbps"] else None
     if bench_memory_enabled:
         reading = _memory(case, bench_device, bench_seed, pytestconfig, store)[(provider, mode)]
         info.update(peak_extra_bytes=reading["bytes"], memory_method=reading["method"], memory_error=reading["error"])
-        info["peak_extra_vs_logits"] = reading["bytes"] / case.logits_bytes if reading["bytes"] is not None else None
     if provider == "eager":
         store.eager[(case.name, mode)] = info
-    eager = store.eager.get((case.name, mode))
-    if eager and ms and eager["median_ms"]:
-        info["speedup_vs_eager"] = eager["median_ms"] / ms
-        if eager.get("peak_extra_bytes") and info.get("peak_extra_bytes") is not None:
-            info["memory_vs_eager"] = info["peak_extra_bytes"] / eager["peak_extra_bytes"]
+    info.update(ratios(info, store.eager.get((case.name, mode)), store.copy_gbps.get(case.name), case.logits_bytes))
     record_env(info)

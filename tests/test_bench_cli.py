@@ -1,4 +1,5 @@
-"""`python -m fused_ls bench` end to end on a tiny case: outputs, schema, the correctness gate.
+"""`python -m fused_ls bench` end to end on a tiny case: outputs, schema, the correctness gate,
+which cases run by default and with --full, and the table printed as it is measured.
 
 No timing is asserted: these prove the report is produced and that a provider whose
 numbers differ from eager is caught and not timed.
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from fused_ls import available_backends, smoothed_xent
-from fused_ls.bench import cli, workloads
-from fused_ls.bench.workloads import Provider
+from fused_ls.bench import cases, cli, xent
+from fused_ls.bench.xent import Provider
 
 RESULT_KEYS = {"case", "rows", "classes", "dtype", "provider", "mode", "bytes", "median_ms", "times_ms", "gbps",
                "copy_gbps", "pct_of_copy", "peak_extra_bytes", "peak_extra_vs_logits", "memory_method",
@@ -20,7 +21,7 @@ RESULT_KEYS = {"case", "rows", "classes", "dtype", "provider", "mode", "bytes", 
 
 def _register(monkeypatch, name, make_loss, overwrites_input=False):
     provider = Provider(name, "test provider", overwrites_input, lambda device: None, make_loss)
-    monkeypatch.setitem(workloads.PROVIDERS, name, provider)
+    monkeypatch.setitem(xent.PROVIDERS, name, provider)
 
 
 def _run(tmp_path, shapes, providers, *extra):
@@ -108,3 +109,66 @@ def test_eval_mode_measures_the_no_grad_forward_which_holds_no_gradient(tmp_path
     # eager's log_softmax is a logits-sized temporary; the loss-only kernel allocates none
     assert rows["eager"]["peak_extra_vs_logits"] > 0.75, rows["eager"]
     assert rows["native"]["peak_extra_vs_logits"] < 0.25, rows["native"]
+
+
+def _fake_measurements(monkeypatch) -> list[str]:
+    """Replace the measuring in the CLI by nothing; returns the list the cases run are added to."""
+    ran = []
+
+    def run_case(case, providers, modes, device, **kwargs):
+        ran.append(case.name)
+        return None, []
+
+    monkeypatch.setattr(cli, "run_case", run_case)
+    monkeypatch.setattr(cli, "copy_ceiling", lambda device, nbytes: {"gbps": 1.0, "what": "fake", "bytes_per_copy": 1})
+    return ran
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], cases.CPU_DEFAULT),
+    (["--full"], cases.CPU_FULL),
+    (["--full", "--dtypes", "bf16"], [c.split(":")[0] + ":bf16" for c in cases.CPU_FULL]),
+    (["--full", "--shapes", "8x1000:fp32"], ["8x1000:fp32"]),  # --shapes replaces either set
+])
+def test_the_default_set_is_a_short_representative_run_and_full_selects_the_whole_table(tmp_path, monkeypatch, extra,
+                                                                                         expected):
+    ran = _fake_measurements(monkeypatch)
+    status = cli.main(["--device", "cpu", "--providers", "eager", "--no-plot", "--out", str(tmp_path), *extra])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+
+    assert status == 0
+    assert ran == list(expected) == doc["settings"]["cases"]
+    assert doc["settings"]["full"] == ("--full" in extra)
+
+
+def test_the_full_table_holds_more_and_larger_cases_than_the_default_set():
+    default, full = cases.default_cases("cpu"), cases.default_cases("cpu", full=True)
+    assert len(default) < len(full) and sum(c.numel for c in default) < sum(c.numel for c in full) / 2
+    assert {c.dtype for c in default} == {"fp32", "bf16"}  # both dtypes the full table has
+    for device in ("cpu", "cuda"):
+        assert len(cases.default_cases(device)) < len(cases.default_cases(device, full=True))
+
+
+def test_rows_are_printed_as_each_case_is_measured(tmp_path, monkeypatch, capsys):
+    measure_case = cli.run_case
+    printed_before = {}
+
+    def run_case(case, *args, **kwargs):
+        printed_before[case.name] = capsys.readouterr().out
+        return measure_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_case", run_case)
+    status, doc = _run(tmp_path, "8x1000:fp32,4x3000:fp32", ["eager"], "--no-memory", "--no-plot")
+    printed_after = capsys.readouterr().out
+
+    assert status == 0 and doc["complete"]
+    header, first_case, second_case = printed_before["8x1000:fp32"], printed_before["4x3000:fp32"], printed_after
+    assert "median ms" in header and "8x1000:fp32" not in header  # the table's head, before any case
+    assert "8x1000:fp32  fwd+bwd  eager" in first_case and "4x3000:fp32" not in first_case
+    assert "4x3000:fp32  fwd+bwd  eager" in second_case and "8x1000:fp32  fwd " not in second_case
+    # the rows printed one case at a time line up with the head printed first
+    head = next(line for line in header.splitlines() if "median ms" in line)
+    for line in (first_case + second_case).splitlines():
+        if " eager " in line:
+            assert line.index("eager") == head.index("provider"), (head, line)
+            assert line.rstrip().endswith("reference")

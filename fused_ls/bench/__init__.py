@@ -1,13 +1,31 @@
-"""Benchmarks of smoothed_xent against what people use now: one implementation, two front ends.
+"""Benchmarks of smoothed_xent and the fused linear head against what people use now.
 
-    python -m fused_ls bench        the report (fused_ls.bench.cli): table, JSON, PNG
-    pytest bench                    the same measurements through pytest-benchmark (bench/)
+Where benchmark code lives (the rule, also in bench/README.md):
+    fused_ls/bench/   everything that measures: cases, providers, workloads, timing, memory,
+                      checks, report. It ships with the package, so `python -m fused_ls bench`
+                      works from any install.
+    bench/            the pytest-benchmark front end only: conftest.py (options, fixtures)
+                      and test_*.py modules that import what they measure from here and add
+                      pytest-benchmark's statistics and their own tables; plus bench/gpu.sh,
+                      the README and the committed results. Nothing there times or measures
+                      memory by itself.
 
-Layout, each piece used by both front ends:
-    cases.py      what is measured: N x V logits of one dtype, the default sets per device
-    workloads.py  who is measured: the providers (eager, torch.compile, fused_ls backends,
-                  in place, Liger), one step of each, and the check against eager
-    measure.py    how: median time, byte count and bandwidth, peak extra memory, environment
-    rss.py        peak resident memory of a CPU workload, in a clean subprocess
-    report.py     the table, the JSON document and the plot
+Two front ends, one implementation:
+    python -m fused_ls bench        the report (cli.py): table, JSON, markdown, PNG
+    pytest bench                    pytest-benchmark (bench/conftest.py, bench/test_*.py)
+
+Modules, each importing only modules listed before it (so no import cycle; this file imports none):
+    workload.py     the workload interface (prepare/step), builders named 'module:function'
+                    for the memory subprocess, the copy baseline
+    cases.py        what is measured: N x V logits of one dtype; the default and --full sets
+    rss.py          peak resident memory of CPU workloads, in a fresh subprocess
+    measure.py      how: median time (providers taking turns), bytes and bandwidth, peak
+                    extra memory (CUDA allocator, or rss.py), the environment
+    report.py       the text table (printed row by row), markdown, the JSON document, the plot
+    xent.py         who, for smoothed_xent: the providers (eager, torch.compile, fused_ls
+                    backends, in place, Liger), one step of each, the check against eager
+    linear_head.py  who, for the fused linear head: the materialised path, torch's
+                    F.linear_cross_entropy, fused_ls, Liger (front end: bench/test_linear.py)
+    suite.py        one case, every provider and mode: check, time, memory, ratios
+    cli.py          python -m fused_ls bench
 """

@@ -21,36 +21,32 @@ from __future__ import annotations
 
 import datetime
 import gc
-import importlib
 import importlib.metadata
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
+import fused_ls
+from fused_ls.bench import rss
 from fused_ls.bench.cases import Case
+from fused_ls.bench.workload import CopyWorkload, Workload, as_workload, resolve_builder
 
 
-class Workload(Protocol):
-    def prepare(self) -> None: ...
-    def step(self) -> object: ...
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() during one step minus memory_allocated() before it"
 
 
-class CallableWorkload:
-    """A plain callable as a workload (nothing to prepare)."""
-
-    def __init__(self, step: Callable[[], object], prepare: Callable[[], None] | None = None):
-        self.step = step
-        self.prepare = prepare or (lambda: None)
+def default_rounds(device: torch.device | str) -> tuple[int, int]:
+    """(untimed warm-up steps, timed repeats) when none are asked for: both front ends use these."""
+    return (3, 10) if torch.device(device).type == "cuda" else (1, 5)
 
 
-def as_workload(obj) -> Workload:
-    return obj if hasattr(obj, "step") else CallableWorkload(obj)
+def memory_method(device: torch.device | str) -> str:
+    """How peak extra memory is measured on `device`, in words (recorded with the results)."""
+    return CUDA_MEMORY_METHOD if torch.device(device).type == "cuda" else rss.METHOD
 
 
 def bytes_moved(case: Case, mode: str) -> int:
@@ -150,8 +146,6 @@ def peak_extra_memory(device: torch.device | str, jobs: list[tuple[str, dict]], 
     Each result: {"bytes": int or None, "method": str, "error": str or None}."""
     device = torch.device(device)
     if device.type != "cuda":
-        from fused_ls.bench import rss
-
         return rss.measure_jobs(jobs, timeout_s=timeout_s)
     results = []
     for builder, kwargs in jobs:
@@ -167,28 +161,6 @@ def peak_extra_memory(device: torch.device | str, jobs: list[tuple[str, dict]], 
             gc.collect()
             torch.cuda.empty_cache()
     return results
-
-
-CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() during one step minus memory_allocated() before it"
-
-
-def resolve_builder(spec: str) -> Callable:
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-class CopyWorkload:
-    """y.copy_(x) over a tensor like the logits: the bandwidth a memory-bound step can hope for."""
-
-    def __init__(self, like: torch.Tensor):
-        self.x = like
-        self.y = torch.empty_like(like)
-
-    def prepare(self) -> None:
-        pass
-
-    def step(self) -> torch.Tensor:
-        return self.y.copy_(self.x)
 
 
 def copy_ceiling(device: torch.device, nbytes: int, warmup: int = 3, repeats: int = 10) -> dict:
@@ -236,8 +208,6 @@ def _git_commit() -> str | None:
 
 def environment(device: torch.device | str) -> dict:
     """Machine, versions and date, for every result (JSON and pytest-benchmark extra_info)."""
-    import fused_ls
-
     device = torch.device(device)
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -58,15 +58,34 @@ def table_rows(doc: dict, modes: tuple[str, ...] = MODES) -> list[list[str]]:
     return rows
 
 
+# Least width of each column of the text table, so that rows printed as they are measured
+# (before the later cases' figures are known) line up with the header printed first.
+_MIN_WIDTHS = (0, len("fwd+bwd"), len("copy y.copy_(x)"), 9, 5, 6, 8, 8, 12, 9, len("FAIL 1e-01"))
+
+
+def text_widths(case_names: list[str], providers: list[str], rows: list[list[str]] = ()) -> list[int]:
+    """Column widths for the text table: the headers, the cases' and providers' names, the
+    least widths above, and any `rows` already formatted."""
+    widths = [max(len(c), w) for c, w in zip(COLUMNS, _MIN_WIDTHS)]
+    widths[0] = max([widths[0], *map(len, case_names)])
+    widths[2] = max([widths[2], *map(len, providers)])
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row)]
+    return widths
+
+
+def format_text_row(row: list[str], widths: list[int]) -> str:
+    return "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+
+
+def text_header(widths: list[int]) -> str:
+    return format_text_row(list(COLUMNS), widths) + "\n" + "  ".join("-" * w for w in widths)
+
+
 def text_table(doc: dict) -> str:
-    rows = [list(COLUMNS)] + table_rows(doc)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    lines = []
-    for k, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    rows = table_rows(doc)
+    widths = text_widths(doc["settings"]["cases"], doc["settings"]["providers"], rows)
+    return "\n".join([text_header(widths)] + [format_text_row(row, widths) for row in rows])
 
 
 def markdown_table(doc: dict, modes: tuple[str, ...] = MODES) -> str:

@@ -28,6 +28,8 @@ import re
 import subprocess
 import sys
 
+from fused_ls.bench.workload import as_workload, resolve_builder
+
 METHOD = ("peak RSS (VmHWM) of one step in a fresh subprocess minus RSS just before it, after a warm-up "
           "step; the peak reset through /proc/self/clear_refs; glibc mmap threshold 64 KiB")
 _MARK = "RSS-RESULT "
@@ -67,8 +69,6 @@ def measure_jobs(jobs: list[tuple[str, dict]], timeout_s: float = 900) -> list[d
 
 
 def _measure_one(builder: str, kwargs: dict) -> dict:
-    from fused_ls.bench.measure import as_workload, resolve_builder
-
     workload = as_workload(resolve_builder(builder)(**kwargs))
     workload.prepare()
     workload.step()

@@ -1,4 +1,5 @@
-"""One case, every provider, every mode: check, time, memory, ratios. Used by the CLI.
+"""One case, every provider, every mode: check, time, memory, ratios. Used by the CLI and by
+bench/test_native_cpu.py; bench/test_smoothed_xent.py derives its ratios with `ratios`.
 
 Order within a case: the eager reference (loss and gradient); each provider checked
 against it (one that fails or raises is reported with its error and not timed); then per
@@ -18,7 +19,6 @@ import torch
 from fused_ls.bench.cases import Case, make_inputs, release_inputs
 from fused_ls.bench.measure import (
     CUDA_MEMORY_METHOD,
-    CopyWorkload,
     bytes_moved,
     cuda_peak_extra,
     gbps,
@@ -26,9 +26,10 @@ from fused_ls.bench.measure import (
     peak_extra_memory,
     time_interleaved,
 )
-from fused_ls.bench.workloads import LABEL_SMOOTHING, PROVIDERS, LossWorkload, check_against
+from fused_ls.bench.workload import CopyWorkload
+from fused_ls.bench.xent import LABEL_SMOOTHING, PROVIDERS, LossWorkload, check_against
 
-LOSS_BUILDER = "fused_ls.bench.workloads:loss_workload"
+LOSS_BUILDER = "fused_ls.bench.xent:loss_workload"
 _COPY = "copy"
 
 
@@ -129,14 +130,23 @@ def run_case(case: Case, providers: list[str], modes: list[str], device: torch.d
 
 
 def add_ratios(results: list[dict], copy_result: dict | None, case: Case) -> None:
-    """Speed-up and memory ratio against eager (same case and mode), fraction of the copy
-    bandwidth, and peak extra memory in units of the logits' size."""
+    """`ratios` for every result of one case, against eager's result of the same mode."""
     eager = {r["mode"]: r for r in results if r["provider"] == "eager" and r["median_ms"]}
     for r in results:
-        ref = eager.get(r["mode"])
-        r["speedup_vs_eager"] = ref["median_ms"] / r["median_ms"] if ref and r["median_ms"] else None
-        mem, ref_mem = r["peak_extra_bytes"], ref and ref["peak_extra_bytes"]
-        r["memory_vs_eager"] = mem / ref_mem if mem is not None and ref_mem else None
-        r["peak_extra_vs_logits"] = mem / case.logits_bytes if mem is not None else None
-        r["copy_gbps"] = copy_result["gbps"] if copy_result else None
-        r["pct_of_copy"] = 100 * r["gbps"] / r["copy_gbps"] if r["gbps"] and r["copy_gbps"] else None
+        r.update(ratios(r, eager.get(r["mode"]), copy_result and copy_result["gbps"], case.logits_bytes))
+
+
+def ratios(result: dict, eager: dict | None, copy_gbps: float | None, logits_bytes: int) -> dict:
+    """Speed-up and memory ratio against `eager` (the same case and mode), fraction of the
+    copy bandwidth, and peak extra memory in units of the logits' size. `result` and `eager`
+    hold median_ms, gbps and peak_extra_bytes (each may be None)."""
+    ms, mem = result.get("median_ms"), result.get("peak_extra_bytes")
+    ref_ms = eager and eager.get("median_ms")
+    ref_mem = eager and eager.get("peak_extra_bytes")
+    return {
+        "speedup_vs_eager": ref_ms / ms if ref_ms and ms else None,
+        "memory_vs_eager": mem / ref_mem if mem is not None and ref_mem else None,
+        "peak_extra_vs_logits": mem / logits_bytes if mem is not None else None,
+        "copy_gbps": copy_gbps,
+        "pct_of_copy": 100 * result["gbps"] / copy_gbps if result.get("gbps") and copy_gbps else None,
+    }

@@ -1,5 +1,6 @@
-"""The linear-head providers compared by bench/test_linear.py, and the workload builder that
-the memory subprocess imports ('linear_workloads:build').
+"""The fused linear head's benchmark: its providers, one step of each, the check between them,
+and the workload builder the memory subprocess imports ('fused_ls.bench.linear_head:build').
+The pytest-benchmark front end is bench/test_linear.py.
 
 Every provider maps (hidden (N, H), weight (V, H), target (N,)) to a mean label-smoothed loss;
 one step is the forward and the backward for hidden and weight (no bias: LM heads have none).
@@ -14,16 +15,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fused_ls.bench.workloads import liger_unavailable
+from fused_ls import smoothed_linear_xent
+from fused_ls.bench.cases import DTYPES
+from fused_ls.bench.xent import LABEL_SMOOTHING, liger_unavailable, relative_error
 
-LABEL_SMOOTHING = 0.1
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Norm-wise relative difference from the materialised path that passes the check.
+# Largest norm-wise relative difference from the materialised path that passes the check.
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 
 
 @dataclass(frozen=True)
-class Provider:
+class HeadProvider:
     name: str
     description: str
     label_smoothing: float  # what the provider is run with
@@ -62,8 +63,6 @@ def _torch_lce_chunked():
 
 def _fused_ls(grad_accumulation: str):
     def make():
-        from fused_ls import smoothed_linear_xent
-
         return lambda h, w, t: smoothed_linear_xent(h, w, t, label_smoothing=LABEL_SMOOTHING,
                                                     grad_accumulation=grad_accumulation)
 
@@ -86,18 +85,18 @@ def _liger():
 PROVIDERS = {
     p.name: p
     for p in (
-        Provider("materialised", "F.cross_entropy(F.linear(h, W), label_smoothing=0.1), eager", LABEL_SMOOTHING,
+        HeadProvider("materialised", "F.cross_entropy(F.linear(h, W), label_smoothing=0.1), eager", LABEL_SMOOTHING,
                  _always, _materialised),
-        Provider("torch-lce", "F.linear_cross_entropy(h, W, t, label_smoothing=0.1) (options=None)", LABEL_SMOOTHING,
+        HeadProvider("torch-lce", "F.linear_cross_entropy(h, W, t, label_smoothing=0.1) (options=None)", LABEL_SMOOTHING,
                  _torch_lce_unavailable, _torch_lce),
-        Provider("torch-lce-chunked", "F.linear_cross_entropy(..., label_smoothing=0.0, "
+        HeadProvider("torch-lce-chunked", "F.linear_cross_entropy(..., label_smoothing=0.0, "
                  "options=LinearCrossEntropyOptions()): its chunked path refuses eps != 0", 0.0,
                  _torch_lce_chunked_unavailable, _torch_lce_chunked),
-        Provider("fused_ls", "fused_ls.smoothed_linear_xent(h, W, t, label_smoothing=0.1): backend auto, "
+        HeadProvider("fused_ls", "fused_ls.smoothed_linear_xent(h, W, t, label_smoothing=0.1): backend auto, "
                  "default chunks, grad_accumulation='fp32'", LABEL_SMOOTHING, _always, _fused_ls("fp32")),
-        Provider("fused_ls-weight_dtype", "the same with grad_accumulation='weight_dtype' (differs from "
+        HeadProvider("fused_ls-weight_dtype", "the same with grad_accumulation='weight_dtype' (differs from "
                  "'fp32' only for bf16/fp16)", LABEL_SMOOTHING, _always, _fused_ls("weight_dtype")),
-        Provider("liger-flce", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)", LABEL_SMOOTHING,
+        HeadProvider("liger-flce", "Liger-Kernel LigerFusedLinearCrossEntropyLoss(label_smoothing=0.1)", LABEL_SMOOTHING,
                  _liger_unavailable, _liger),
     )
 }
@@ -152,15 +151,16 @@ class HeadWorkload:
         return loss.detach(), grad_hidden, grad_weight
 
 
+BUILDER = "fused_ls.bench.linear_head:build"
+
+
 def build(provider: str, tokens: int, hidden: int, vocab: int, dtype: str, device: str, seed: int) -> HeadWorkload:
-    """The memory subprocess's entry point ('linear_workloads:build')."""
+    """The memory subprocess's entry point (BUILDER)."""
     return HeadWorkload(provider, HeadCase(tokens, hidden, vocab, dtype), torch.device(device), seed)
 
 
 def relative_difference(result, reference) -> float:
-    """Largest norm-wise relative difference over (loss, dL/dh, dL/dW)."""
-    worst = 0.0
-    for ours, theirs in zip(result, reference):
-        ours, theirs = ours.double(), theirs.double()
-        worst = max(worst, ((ours - theirs).norm() / theirs.norm().clamp_min(1e-30)).item())
-    return worst
+    """Largest norm-wise relative difference over (loss, dL/dh, dL/dW) (NaN if any has a NaN)."""
+    errors = [relative_error(ours.reshape(1, -1), theirs.reshape(1, -1)) if ours.dim() == 0
+              else relative_error(ours, theirs) for ours, theirs in zip(result, reference)]
+    return max(errors, key=lambda e: float("inf") if e != e else e)

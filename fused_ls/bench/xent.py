@@ -1,4 +1,4 @@
-"""The providers being compared, one step of each, and the check of each against eager.
+"""The smoothed_xent benchmark's providers, one step of each, and the check of each against eager.
 
 A provider turns (logits, target) into a mean label-smoothed loss whose backward sends the
 logits' gradient upstream. The logits reach it as the output of an op (_LogitsSource, a
@@ -7,8 +7,9 @@ and where the gradient arrives, whoever computed it. Providers that overwrite th
 (fused_ls in place, Liger) work on a scratch copy of the logits (their own, or one shared
 by the providers of a case), restored by `prepare()` outside the timed step.
 
-A workload is anything with `prepare()` (untimed, before every step) and `step()` (timed):
-the timing and memory helpers in measure.py and rss.py take any such object.
+A provider's step in one mode (LossWorkload.mode) is a workload (workload.py): prepare()
+untimed, step() timed, so measure.py and rss.py take it as it is. loss_workload builds one by
+name, for the memory subprocess.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fused_ls import backends, smoothed_xent
 from fused_ls.bench.cases import Case, make_inputs
 
 LABEL_SMOOTHING = 0.1
@@ -81,8 +83,6 @@ def _fused_unavailable(backend: str) -> Callable[[torch.device], str | None]:
                 return "Triton kernels need a CUDA device (the CPU interpreter is for tests, its timings mean nothing)"
             if os.environ.get("TRITON_INTERPRET") == "1":
                 return "TRITON_INTERPRET=1 is set: Triton would run in its interpreter; unset it to benchmark"
-        from fused_ls import backends
-
         try:
             backends.resolve(backend, device)
         except RuntimeError as exc:
@@ -94,8 +94,6 @@ def _fused_unavailable(backend: str) -> Callable[[torch.device], str | None]:
 
 def _fused_loss(backend: str, inplace: bool) -> Callable[[float], LossFn]:
     def make(label_smoothing: float) -> LossFn:
-        from fused_ls import smoothed_xent
-
         def loss(logits, target):
             return smoothed_xent(logits, target, label_smoothing, backend=backend, inplace_backward=inplace)
 
