@@ -1,8 +1,9 @@
-// The torch side shared by the CPU and CUDA implementations of fused_ls::smoothed_xent_rows(_):
+// The torch side shared by the CPU and CUDA implementations of the row ops (row_ops.h):
 // argument checks at the C++ boundary, and the tensors a kernel needs, in the dtypes and
 // layouts it reads. Nothing here synchronises with a device.
 #pragma once
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -37,13 +38,19 @@ struct PreparedRows {
   at::Tensor loss;        // (N,) acc
   at::Tensor lse;         // (N,) acc
   RowsProblem problem;
+
+  // Where the gradient goes: a new buffer, or the logits themselves (in place).
+  void set_gradient(const at::Tensor& grad) {
+    problem.grad = grad.data_ptr();
+    problem.grad_row_stride = grad.stride(0);
+  }
 };
 
 // `grad_scale` is absent for the loss-only op, which writes no gradient.
 inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& target,
                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad_scale,
-                                 double label_smoothing, bool smooth_others, int64_t ignore_index, double z_loss,
-                                 double softcap, double logit_scale) {
+                                 double k_s, double k_t, int64_t ignore_index, double z_loss, double softcap,
+                                 double logit_scale) {
   TORCH_CHECK(logits.dim() == 2, "fused_ls: logits must be 2-D (rows, classes), got shape ", logits.sizes());
   const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
   TORCH_CHECK(num_classes >= 1, "fused_ls: logits need at least one class");
@@ -69,10 +76,10 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
     TORCH_CHECK(grad_scale->device() == logits.device(), "fused_ls: grad_scale is on ", grad_scale->device(),
                 ", logits on ", logits.device());
   }
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "fused_ls: label_smoothing must be in [0, 1], got ",
-              label_smoothing);
+  // The masses come from a convention (fused_ls/conventions.py): k_s >= 0, and both finite.
+  TORCH_CHECK(std::isfinite(k_s) && std::isfinite(k_t) && k_s >= 0.0,
+              "fused_ls: the smoothing masses must be finite with k_s >= 0, got k_s=", k_s, ", k_t=", k_t);
   TORCH_CHECK(softcap >= 0.0, "fused_ls: softcap must be > 0 (or 0 for none), got ", softcap);
-  TORCH_CHECK(!smooth_others || num_classes >= 2, "fused_ls: the 'others' convention needs at least 2 classes");
 
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   PreparedRows out;
@@ -112,7 +119,8 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
   p.num_rows = num_rows;
   p.num_classes = num_classes;
   p.ignore_index = ignore_index;
-  smoothing_masses(label_smoothing, num_classes, smooth_others, &p.k_s, &p.k_t);
+  p.k_s = k_s;
+  p.k_t = k_t;
   p.z_loss = z_loss;
   p.softcap = softcap;
   p.logit_scale = logit_scale;

@@ -1,36 +1,11 @@
-// The schema of the native fused op, declared once; the CPU (cpu/) and CUDA (cuda/)
-// implementations register for their dispatch keys, and fused_ls/native.py adds the fake
-// (meta) implementations. The Triton kernels register their own ops in the same namespace
-// from Python with torch.library.custom_op, which opens FRAGMENT libraries: those coexist
-// with this one definition (TORCH_LIBRARY) in either import order. Python must therefore
-// never open a second "DEF" library for the fused_ls namespace.
-//
-// Importing the extension (fused_ls._C, or its just-in-time build) runs the registrations;
-// the Python module itself only reports how the extension was built.
+// The Python module of the native extension. Importing it runs the kernels' registrations
+// (TORCH_LIBRARY_IMPL in cpu/ and cuda/) for ops whose schemas Python defines once for every
+// backend (fused_ls/_row_op.py, fused_ls/linear.py): the fused_ls namespace has no DEF
+// library (TORCH_LIBRARY), only FRAGMENT and IMPL ones, which coexist in any import order.
+// The module itself only reports how the extension was built.
 #include <Python.h>
 
-#include <torch/library.h>
-
 #include "cpu/smoothed_xent_cpu.h"
-
-TORCH_LIBRARY(fused_ls, m) {
-  // Same arguments as fused_ls::smoothed_xent_rows_triton; see fused_ls/backends.py.
-  m.def(
-      "smoothed_xent_rows(Tensor logits, Tensor target, Tensor? weight, Tensor grad_scale, "
-      "float label_smoothing, bool smooth_others, int ignore_index, float z_loss, float softcap, "
-      "float logit_scale) -> (Tensor loss_rows, Tensor lse, Tensor grad)");
-  // The gradient is written into `logits`.
-  m.def(
-      "smoothed_xent_rows_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor grad_scale, "
-      "float label_smoothing, bool smooth_others, int ignore_index, float z_loss, float softcap, "
-      "float logit_scale) -> (Tensor loss_rows, Tensor lse)");
-  // The loss and lse alone, for a forward that needs no gradient (evaluation, no_grad): the
-  // same first pass, and not a byte of gradient written or allocated.
-  m.def(
-      "smoothed_xent_rows_loss(Tensor logits, Tensor target, Tensor? weight, float label_smoothing, "
-      "bool smooth_others, int ignore_index, float z_loss, float softcap, float logit_scale) "
-      "-> (Tensor loss_rows, Tensor lse)");
-}
 
 namespace {
 

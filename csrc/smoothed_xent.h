@@ -1,7 +1,7 @@
 // The problem every native kernel of fused_ls solves, in plain C++ (no torch headers), so
 // that the CUDA sources compile with a bare `nvcc -c` and the CPU kernel with bare at::vec.
 //
-// Per row of V logits x with target t (the maths in full: fused_ls/triton/smoothed_xent.py):
+// Per row of V logits x with target t (the maths in full: docs/maths.md):
 //     y = softcap * tanh(logit_scale * x / softcap)    (y = logit_scale * x without softcap)
 //     m = max y,  s = sum exp(y - m),  lse = m + log s,  p = exp(y - lse)
 //     class c gets the target mass  k_s w_c + k_t w_t [c == t];  W = sum w,  A = k_s W + k_t w_t
@@ -49,24 +49,11 @@ struct RowsProblem {
   int64_t num_rows;
   int64_t num_classes;
   int64_t ignore_index;
-  double k_s;                  // smoothing mass per unit of class weight
-  double k_t;                  // extra mass of the true class
+  double k_s;                  // smoothing mass per unit of class weight (a convention's, from
+  double k_t;                  // extra mass of the true class              fused_ls/conventions.py)
   double z_loss;
   double softcap;              // 0: no softcap
   double logit_scale;
 };
-
-// The two conventions as masses; the same formulas as fused_ls/smoothing.py.
-//   uniform (PyTorch): k_s = eps / V,        k_t = 1 - eps
-//   others (fairseq):  k_s = eps / (V - 1),  k_t = 1 - eps - eps / (V - 1)
-inline void smoothing_masses(double eps, int64_t num_classes, bool smooth_others, double* k_s, double* k_t) {
-  if (smooth_others) {
-    *k_s = num_classes > 1 ? eps / static_cast<double>(num_classes - 1) : 0.0;
-    *k_t = 1.0 - eps - *k_s;
-  } else {
-    *k_s = eps / static_cast<double>(num_classes);
-    *k_t = 1.0 - eps;
-  }
-}
 
 }  // namespace fused_ls

@@ -4,7 +4,6 @@
     loss = smoothed_xent(logits, target, label_smoothing=0.1)
 """
 
-from fused_ls import scale as _scale  # noqa: F401  (registers fused_ls::scale_rows_)
 from fused_ls.backends import available_backends
 from fused_ls.functional import SmoothedCrossEntropyLoss, smoothed_xent
 from fused_ls.linear import SmoothedLinearCrossEntropyLoss, smoothed_linear_xent

@@ -4,67 +4,56 @@ Choice order: the `backend=` argument, else the FUSED_LS_BACKEND environment var
 else "auto": Triton for CUDA tensors, the native C++/CUDA extension next, eager PyTorch
 last. An explicit choice that cannot run raises and says what is missing.
 
-Each fused backend is three torch.library ops with one schema each (see csrc/ops.cpp):
-    rows(logits, target, weight?, grad_scale, label_smoothing, smooth_others,
-         ignore_index, z_loss, softcap, logit_scale) -> (loss_rows, lse, grad)
-    rows_(...same, logits mutated into the gradient...) -> (loss_rows, lse)
-    rows_loss(...same without grad_scale...) -> (loss_rows, lse)      no gradient at all
+Every backend is a RowOps (fused_ls._row_op): the row op's three variants with one
+contract. The fused ones are torch.library ops; "torch" is the same contract in eager
+PyTorch (fused_ls.eager).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from fused_ls._row_op import RowOps
+from fused_ls.eager import EAGER_ROW_OPS
+
 BACKENDS = ("triton", "native", "torch")
-
-
-@dataclass(frozen=True)
-class FusedOps:
-    rows: Callable
-    rows_inplace: Callable
-    rows_loss: Callable  # the loss and lse only, for a forward that needs no gradient
-
 
 # Probed once per process. A plain dict rather than functools.cache, because torch.compile
 # traces through dict look-ups but warns about (and re-runs) cached functions.
-_STATUS: dict[str, tuple[FusedOps | None, str]] = {}
+_STATUS: dict[str, tuple[RowOps | None, str]] = {}
 
 
-def _triton_status() -> tuple[FusedOps | None, str]:
+def _triton_status() -> tuple[RowOps | None, str]:
     if "triton" not in _STATUS:
         _STATUS["triton"] = _probe_triton()
     return _STATUS["triton"]
 
 
-def _native_status() -> tuple[FusedOps | None, str]:
+def _native_status() -> tuple[RowOps | None, str]:
     if "native" not in _STATUS:
         _STATUS["native"] = _probe_native()
     return _STATUS["native"]
 
 
-def _probe_triton() -> tuple[FusedOps | None, str]:
+def _probe_triton() -> tuple[RowOps | None, str]:
     try:
         import triton  # noqa: F401
 
-        from fused_ls.triton import smoothed_xent  # noqa: F401  (registers the ops)
+        from fused_ls.triton.smoothed_xent import ROW_OPS
     except Exception as exc:  # a broken Triton install must not break the package
         return None, f"Triton could not be imported ({type(exc).__name__}: {exc})"
-    ops = torch.ops.fused_ls
-    return FusedOps(ops.smoothed_xent_rows_triton, ops.smoothed_xent_rows_triton_, ops.smoothed_xent_rows_loss_triton), ""
+    return ROW_OPS, ""
 
 
-def _probe_native() -> tuple[FusedOps | None, str]:
+def _probe_native() -> tuple[RowOps | None, str]:
     from fused_ls import native
 
     ok, why = native.load()
     if not ok:
         return None, why
-    ops = torch.ops.fused_ls
-    return FusedOps(ops.smoothed_xent_rows, ops.smoothed_xent_rows_, ops.smoothed_xent_rows_loss), ""
+    return native.ROW_OPS, ""
 
 
 def _triton_runs_on(device_type: str) -> bool:
@@ -134,6 +123,9 @@ def _resolve(choice: str, device_type: str) -> str:
 _resolve._dynamo_marked_constant = True
 
 
-def fused_ops(backend: str) -> FusedOps:
+def row_ops(backend: str) -> RowOps:
+    """The ops of a backend name that `resolve` returned."""
+    if backend == "torch":
+        return EAGER_ROW_OPS
     status = _triton_status() if backend == "triton" else _native_status()
     return status[0]

@@ -13,7 +13,7 @@ g_i = grad_scale * dloss_i/dx_i. The chain rule then gives
 
 so a chunk of C tokens needs only its own C x V logits: compute them, turn them into g in
 place, spend g on the three products, and let the next chunk reuse the buffer. The mean's
-denominator (fused_ls.functional._gradient_scale) depends on the targets alone, so it is
+denominator (fused_ls._core.gradient_scale) depends on the targets alone, so it is
 known before the first chunk and folded into g: the forward finishes every gradient, and
 the backward of a scalar loss only multiplies them by the upstream gradient (1 in
 training), in place.
@@ -62,38 +62,25 @@ from __future__ import annotations
 
 import torch
 
-from fused_ls import backends, functional
+from fused_ls import _core, backends
+from fused_ls._autograd import refuse_create_graph, scale_saved_gradient
+from fused_ls._core import accumulation_dtype, reduce_rows
 from fused_ls._library import define_op
-from fused_ls.backends import FusedOps
-from fused_ls.functional import (
-    _OPTION_KEYWORDS,
-    _backward_may_run_again,
-    _check_arguments,
-    _effective_softcap,
-    _is_functorch_wrapped,
-    _gradient_scale,
-    _reduce_rows,
-    _check_options,
-    refuse_create_graph,
-    z_loss_per_token,
-)
-from fused_ls.reference import smoothed_xent_reference
 
 # Below this many rows a chunk's GEMMs (M = C) re-read W for little work: per chunk they do
 # 6*C*V*H flops against about 4*V*H bytes of W and 8*V*H of the dL/dW sum (bf16), so 256
 # rows give ~130 flops per byte (an H100/H200 needs ~300 for full bf16 speed, a CPU far
-# less). Larger chunks trade memory for that; the floor is set by issue 6's memory target
-# (1/8 of the materialised path at 4096 x 1024 x 128256 in bf16).
+# less). Larger chunks trade memory for that; the floor keeps the head's memory at about 1/8
+# of the materialised path at 4096 x 1024 x 128256 in bf16.
 MIN_CHUNK_ROWS = 256
 # Elements of one dL/dW product slab in the compensated path: its scratch is the product
-# (bf16 on the CPU, 4 MiB; fp32 on CUDA, 16 MiB), within issue 6's memory budget next to the
-# 2VH-byte residual (the eager fallback adds an fp32 temporary of the slab). Per slab the
-# update is one op (a native pass on the CPU, a Triton pass on CUDA); larger slabs measured
-# no faster on the CPU (1.2 s a step either way at 8192 x 512 x 32000 bf16 with 2M to 8M).
+# (bf16 on the CPU, 4 MiB; fp32 on CUDA, 16 MiB), small next to the 2VH-byte residual (the
+# eager fallback adds an fp32 temporary of the slab). Per slab the update is one op (a native
+# pass on the CPU, a Triton pass on CUDA); larger slabs were no faster on the CPU.
 SLAB_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
 # smoothed_xent's options less the two about the logits buffer, which the head owns.
-_HEAD_OPTIONS = _OPTION_KEYWORDS - {"inplace_backward", "recompute_backward"}
+_HEAD_OPTIONS = _core.OPTION_KEYWORDS - {"inplace_backward", "recompute_backward"}
 _MODULE_KEYWORDS = _HEAD_OPTIONS | {"class_weight", "return_lse", "chunk_size", "grad_accumulation"}
 
 
@@ -185,33 +172,31 @@ def smoothed_linear_xent(
     # A zero-byte stand-in with the logits' shape, dtype and device lets smoothed_xent's
     # checks speak for the arguments the two functions share.
     logits_like = hidden.new_empty(()).expand(*hidden.shape[:-1], V)
-    _check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention,
-                     z_loss, softcap, logit_scale, ignore_index=ignore_index, z_loss_denominator=z_loss_denominator,
-                     normalizer=normalizer, backend=backend)
-    if _is_functorch_wrapped(hidden) or _is_functorch_wrapped(weight):
+    _core.check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention,
+                          z_loss, softcap, logit_scale, ignore_index=ignore_index,
+                          z_loss_denominator=z_loss_denominator, normalizer=normalizer, backend=backend)
+    if _core.is_functorch_wrapped(hidden) or _core.is_functorch_wrapped(weight):
         raise ValueError("smoothed_linear_xent cannot run under torch.func transforms (vmap, grad, ...); "
                          "use smoothed_xent(F.linear(hidden, weight, bias), target, backend='torch') there")
-    softcap = _effective_softcap(softcap)
-    functional._check_targets(target, V, ignore_index)  # CPU only; via the module so tests can watch it
-    class_weight, normalizer = z_loss_per_token(target, class_weight, ignore_index, reduction, normalizer, z_loss,
-                                                z_loss_denominator)
+    softcap = _core.effective_softcap(softcap)
+    _core.check_targets(target, V, ignore_index)  # CPU only
+    class_weight, normalizer = _core.z_loss_per_token(target, class_weight, ignore_index, reduction, normalizer,
+                                                      z_loss, z_loss_denominator)
     name = backends.resolve(backend, hidden.device)
 
     hidden2d = hidden.reshape(-1, H)
     target1d = target.reshape(-1)
-    acc_dtype = _accumulation_dtype(hidden.dtype)
-    grad_scale = _gradient_scale(target1d, class_weight, ignore_index, reduction, normalizer, V, acc_dtype)
+    grad_scale = _core.gradient_scale(target1d, class_weight, ignore_index, reduction, normalizer,
+                                      accumulation_dtype(hidden.dtype))
     if class_weight is not None and class_weight.dtype != torch.float64:
         class_weight = class_weight.float()
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden2d.shape[0], H, V)
+    options = _core.row_options(convention, label_smoothing, V, ignore_index, z_loss, softcap, logit_scale)
     grad_on = torch.is_grad_enabled()
-    loss, lse = _LinearSmoothedXent.apply(
-        hidden2d, weight, bias, target1d, class_weight, grad_scale, reduction, (chunk, name, grad_accumulation),
-        float(label_smoothing), convention == "others", int(ignore_index), float(z_loss),
-        float(softcap or 0.0), float(logit_scale),
-        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    loss, lse = _LinearSmoothedXent.apply(hidden2d, weight, bias, target1d, class_weight, grad_scale, reduction,
+                                          (chunk, name, grad_accumulation), options, needs)
     if reduction == "none":
         loss = loss.view(target.shape)
     if return_lse:
@@ -234,7 +219,7 @@ class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
         unknown = set(kwargs) - _MODULE_KEYWORDS
         if unknown:
             raise TypeError(f"SmoothedLinearCrossEntropyLoss got unexpected keyword arguments {sorted(unknown)}")
-        _check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _HEAD_OPTIONS})
+        _core.check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _HEAD_OPTIONS})
         class_weight = kwargs.get("class_weight")
         if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
             raise TypeError(f"class_weight must be a 1-D tensor or None, got {getattr(class_weight, 'shape', class_weight)!r}")
@@ -253,24 +238,22 @@ class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
 
 class _LinearSmoothedXent(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, plan,
-                label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale,
-                need_hidden, need_weight, need_bias):
-        row_args = (label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale)
-        ctx.setup = (plan, row_args)
+    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, plan, options, needs):
+        need_hidden, need_weight, need_bias = needs
+        ctx.setup = (plan, options)
         ctx.reduction = reduction
         if reduction == "none":
             # The per-row upstream gradient arrives only in backward: recompute there.
             loss_rows, lse, *_ = _sweep(hidden, weight, bias, target, class_weight, grad_scale, None,
-                                        plan, row_args, False, False, False)
+                                        plan, options, False, False, False)
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, grad_scale)
             ctx.mark_non_differentiable(lse)
             return loss_rows, lse
         loss_rows, lse, grad_hidden, grad_weight, grad_bias = _sweep(
             hidden, weight, bias, target, class_weight, grad_scale, None,
-            plan, row_args, need_hidden, need_weight, need_bias,
+            plan, options, need_hidden, need_weight, need_bias,
         )
-        loss = _reduce_rows(loss_rows, reduction, grad_scale)
+        loss = reduce_rows(loss_rows, reduction, grad_scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         # A tensor normalizer is differentiated: d mean / d grad_scale is the sum of the row losses.
         ctx.loss_sum = loss_rows.sum() if reduction == "mean" and ctx.needs_input_grad[5] else None
@@ -283,23 +266,23 @@ class _LinearSmoothedXent(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.reduction == "none":
             hidden, weight, bias, target, class_weight, grad_scale = ctx.saved_tensors
-            plan, row_args = ctx.setup
-            row_scale = grad_scale * grad_loss.reshape(-1).to(_accumulation_dtype(hidden.dtype))
+            plan, options = ctx.setup
+            row_scale = grad_scale * grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype))
             _, _, grad_hidden, grad_weight, grad_bias = _sweep(
                 hidden, weight, bias, target, class_weight, grad_scale, row_scale,
-                plan, row_args, need_hidden, need_weight, need_bias,
+                plan, options, need_hidden, need_weight, need_bias,
             )
         else:
             grad_hidden, grad_weight, grad_bias = (
-                _scale_saved(g, grad_loss) if need else None
+                scale_saved_gradient(g, grad_loss) if need else None
                 for g, need in zip(ctx.saved_tensors, (need_hidden, need_weight, need_bias))
             )
         loss_sum = getattr(ctx, "loss_sum", None)
         grad_grad_scale = None if loss_sum is None else loss_sum * grad_loss
-        return (grad_hidden, grad_weight, grad_bias) + (None, None, grad_grad_scale) + (None,) * 11
+        return grad_hidden, grad_weight, grad_bias, None, None, grad_grad_scale, None, None, None, None
 
 
-def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, plan, row_args,
+def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, plan, options,
            need_hidden, need_weight, need_bias):
     """One pass over the token chunks: (loss_rows, lse, dL/dh, dL/dW, dL/db), each gradient
     None unless asked for. `row_scale` (N,), if given, multiplies each row's gradient;
@@ -307,11 +290,12 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
     chunk, backend, grad_accumulation = plan
     N, H = hidden.shape
     V = weight.shape[0]
-    acc_dtype = _accumulation_dtype(hidden.dtype)
+    acc_dtype = accumulation_dtype(hidden.dtype)
     # With no gradient asked for (evaluation, and the forward of reduction="none"), the
     # loss-only row op: the logits are read once and nothing is written over them.
     loss_only = row_scale is None and not (need_hidden or need_weight or need_bias)
-    rows_op = _rows_loss(backend) if loss_only else _rows_inplace(backend)
+    ops = backends.row_ops(backend)
+    rows_op = ops.rows_loss if loss_only else ops.rows_inplace
     compiling = torch.compiler.is_compiling()
     # dL/db is V floats: summed in fp32 (fp64) whatever the inputs' dtype.
     bias_acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -336,12 +320,12 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
                 else:
                     torch.addmm(bias, h, weight_t, out=logits)
             if loss_only:
-                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, *row_args)
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, *options)
             else:
                 # A per-row upstream gradient is folded into the row op's scale, so that each
                 # gradient element is rounded once.
                 scale = grad_scale if row_scale is None else row_scale[start:stop]
-                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, scale, *row_args)
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, scale, *options)
             losses.append(loss_rows)
             lses.append(lse)
             grad = logits  # the row op wrote g over the logits (unless loss_only: nothing reads it)
@@ -454,68 +438,9 @@ compensated_add_ = define_op(
 )
 
 
-def _scale_saved(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
-    """The saved gradient times the scalar upstream gradient, in place when nothing needs it again."""
-    if grad is None:
-        return None
-    scale = grad_loss.reshape(1).to(_accumulation_dtype(grad.dtype))
-    rows = grad if grad.dim() == 2 else grad.view(1, -1)
-    if _backward_may_run_again():
-        return (grad * scale).to(grad.dtype)
-    # On CUDA the op skips all traffic when the upstream gradient is exactly 1.
-    torch.ops.fused_ls.scale_rows_(rows, scale.expand(rows.shape[0]))
-    return grad
-
-
-def _rows_inplace(backend: str):
-    if backend == "torch":
-        return _eager_rows_inplace
-    ops: FusedOps = backends.fused_ops(backend)
-    return ops.rows_inplace
-
-
-def _rows_loss(backend: str):
-    if backend == "torch":
-        return _eager_rows_loss
-    ops: FusedOps = backends.fused_ops(backend)
-    return ops.rows_loss
-
-
-def _reference_kwargs(weight, smooth_others, ignore_index, z_loss, softcap, logit_scale) -> dict:
-    return {
-        "weight": weight, "ignore_index": ignore_index, "reduction": "none",
-        "convention": "others" if smooth_others else "uniform", "z_loss": z_loss,
-        "softcap": softcap if softcap > 0 else None, "logit_scale": logit_scale, "return_lse": True,
-    }
-
-
-def _eager_rows_loss(logits, target, weight, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
-                     logit_scale):
-    """The loss-only row op in eager PyTorch: the reference, no gradient."""
-    kwargs = _reference_kwargs(weight, smooth_others, ignore_index, z_loss, softcap, logit_scale)
-    with torch.no_grad():
-        return smoothed_xent_reference(logits, target, label_smoothing, **kwargs)
-
-
-def _eager_rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index,
-                        z_loss, softcap, logit_scale):
-    """The row-op contract in eager PyTorch: the reference and autograd on one chunk of rows."""
-    kwargs = _reference_kwargs(weight, smooth_others, ignore_index, z_loss, softcap, logit_scale)
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_(True)
-        loss_rows, lse = smoothed_xent_reference(x, target, label_smoothing, **kwargs)
-        (grad,) = torch.autograd.grad(loss_rows, x, grad_scale.to(loss_rows.dtype).expand_as(loss_rows))
-    logits.copy_(grad)
-    return loss_rows.detach(), lse
-
-
 def _empty(*shape, dtype, device) -> torch.Tensor:
     """Every buffer whose contents the sweep must write before reading (tests poison it)."""
     return torch.empty(*shape, dtype=dtype, device=device)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _no_autocast(device_type: str):

@@ -7,10 +7,10 @@ directory ($FUSED_LS_CACHE_DIR, default ~/.cache/fused_ls/<python-torch-device t
 says so in one line; later processes load the cached build. FUSED_LS_NO_JIT=1 turns the
 just-in-time build off. Whatever fails, the package still imports and the other backends work.
 
-Importing the extension registers the ops fused_ls::smoothed_xent_rows, smoothed_xent_rows_
-and smoothed_xent_rows_loss (schema in csrc/ops.cpp) and a CPU kernel for
-fused_ls::compensated_add_ (fused_ls/linear.py); this module adds the fake implementations
-of the first three, for torch.compile and opcheck.
+This module declares the row ops fused_ls::smoothed_xent_rows, smoothed_xent_rows_ and
+smoothed_xent_rows_loss (the contract and their fakes: fused_ls/_row_op.py); importing the
+extension registers their CPU and CUDA kernels, and a CPU kernel for fused_ls::compensated_add_
+(fused_ls/linear.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from types import ModuleType
 
 import torch
 
+from fused_ls._row_op import define_row_ops
+
+ROW_OPS = define_row_ops("")
+
 JIT_NAME = "fused_ls_C"
 
 # (module or None, why not); filled once per process by load().
@@ -34,8 +38,6 @@ def load() -> tuple[bool, str]:
     """(True, "") once the extension is loaded and its ops registered, else (False, why)."""
     if "native" not in _STATE:
         module, why = _import_or_build()
-        if module is not None:
-            _register_fakes()
         _STATE["native"] = (module, why)
     module, why = _STATE["native"]
     return module is not None, why
@@ -111,24 +113,3 @@ def _build_just_in_time() -> ModuleType:
     )
     stamp.write_text(digest)
     return module
-
-
-def _row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("fused_ls::smoothed_xent_rows")
-    def _(logits, target, weight, grad_scale, *args):
-        loss, lse = _row_outputs(logits)
-        return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("fused_ls::smoothed_xent_rows_")
-    def _(logits, target, weight, grad_scale, *args):
-        return _row_outputs(logits)
-
-    @torch.library.register_fake("fused_ls::smoothed_xent_rows_loss")
-    def _(logits, target, weight, *args):
-        return _row_outputs(logits)

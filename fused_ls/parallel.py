@@ -6,7 +6,7 @@ and the global targets. `smoothed_xent_vocab_parallel` gives every rank the loss
 gradient slice that one device holding all V classes would give, for every feature of
 `smoothed_xent`, with one collective per call and none in the backward.
 
-The maths, per row (notation of fused_ls/triton/smoothed_xent.py)
+The maths, per row (notation of docs/maths.md)
 -------------------------------------------------------------------
 y = softcap * tanh(logit_scale * x / softcap) (or logit_scale * x), lse = logsumexp_c y_c, and the
 smoothed target gives class c the mass q_c = k_s w_c + k_t w_t [c == t], so
@@ -51,9 +51,9 @@ d(loss)/d(its slice) and nothing else, so nothing is counted twice. In a tensor-
 head the gradient of the hidden states (h @ W_r^T summed over r) still needs the all-reduce
 of the usual "copy to tensor-parallel region" op, exactly as for any row-split projection.
 
-The local passes are PyTorch ops over blocks of rows (float32 accumulation, temporaries
-bounded by ROW_CHUNK_ELEMENTS): the fused kernels compute their own lse and cannot take
-the global one. A fused kernel for this path would be the existing one split at its
+The local passes are the "torch" backend's slice passes (fused_ls.eager: PyTorch ops over
+blocks of rows, float32 accumulation, bounded temporaries): the fused kernels compute their
+own lse and cannot take the global one. A fused kernel for this path would be the existing one split at its
 reduction: a statistics pass writing (m_r, log s_r, L_r) per row, and a gradient pass reading
 lse and the per-row coefficients (p_coef, k_s, k_t w_t) instead of computing them.
 """
@@ -67,23 +67,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fused_ls import backends
-from fused_ls.functional import (
-    _check_arguments,
-    _check_targets,
-    check_inplace_allowed,
-    mean_scale,
-    _effective_softcap,
-    _normalizer_tensor,
-    _scale_saved_gradient,
-    refuse_create_graph,
-)
-from fused_ls.reference import transform_logits
-from fused_ls.smoothing import smoothing_masses
-
-# Rows are processed in blocks of at most this many logits, which bounds the float32
-# temporaries (about three blocks live at once: 3 x 128 MiB) whatever the batch.
-ROW_CHUNK_ELEMENTS = 1 << 25
+from fused_ls import _core, backends
+from fused_ls._autograd import check_inplace_allowed, refuse_create_graph, scale_saved_gradient
+from fused_ls._core import RowOptions, accumulation_dtype, mean_gradient_scale, reduce_rows
+from fused_ls.eager import row_blocks, slice_gradient, slice_statistics
 
 # Statistics per row in the gathered buffer: m_r, log s_r, L_r, w_t,r.
 _ROW_STATS = 4
@@ -141,28 +128,25 @@ def smoothed_xent_vocab_parallel(
         raise ValueError(f"unknown backend {backend!r}; expected one of {('auto',) + backends.BACKENDS}")
     local_size = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None
     start, num_classes = _vocab_slice(process_group, local_size, vocab_start, vocab_size, logits)
-    _check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap,
-                     logit_scale, num_classes=num_classes, ignore_index=ignore_index)
-    softcap = _effective_softcap(softcap)
-    _check_targets(target, num_classes, ignore_index)
+    _core.check_arguments(logits, target, label_smoothing, weight, reduction, convention, z_loss, softcap,
+                          logit_scale, num_classes=num_classes, ignore_index=ignore_index)
+    softcap = _core.effective_softcap(softcap)
+    _core.check_targets(target, num_classes, ignore_index)
     if inplace_backward and not (torch.is_grad_enabled() and logits.requires_grad):
         inplace_backward = False  # no gradient will be read: keep the logits intact
     if inplace_backward:
         check_inplace_allowed(logits)
 
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    k_s, k_t = smoothing_masses(float(label_smoothing), num_classes, convention == "others")
-    plan = _Plan(
-        group=process_group, vocab_start=start, vocab_size=num_classes, k_s=k_s, k_t=k_t,
-        ignore_index=int(ignore_index), z_loss=float(z_loss), softcap=softcap, logit_scale=float(logit_scale),
-        reduction=reduction, inplace=inplace_backward,
-    )
+    acc_dtype = accumulation_dtype(logits.dtype)
+    options = _core.row_options(convention, label_smoothing, num_classes, ignore_index, z_loss, softcap, logit_scale)
+    plan = _Plan(group=process_group, vocab_start=start, vocab_size=num_classes, options=options,
+                 reduction=reduction, inplace=inplace_backward)
     logits2d = logits.reshape(target.numel(), local_size)  # -1 is ambiguous for 0 rows or classes
     target1d = target.reshape(-1)
     if weight is not None:
         weight = weight.to(acc_dtype)
     if normalizer is not None:
-        normalizer = _normalizer_tensor(normalizer, acc_dtype, logits.device)
+        normalizer = _core.normalizer_tensor(normalizer, acc_dtype, logits.device)
     loss, lse = _VocabParallelSmoothedXent.apply(logits2d, target1d, weight, normalizer, plan)
     if reduction == "none":
         loss = loss.view(target.shape)
@@ -176,12 +160,7 @@ class _Plan:
     group: object
     vocab_start: int
     vocab_size: int
-    k_s: float
-    k_t: float
-    ignore_index: int
-    z_loss: float
-    softcap: float | None
-    logit_scale: float
+    options: RowOptions
     reduction: str
     inplace: bool
 
@@ -195,11 +174,12 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, normalizer, plan: _Plan):
         n_rows, local_size = logits.shape
-        acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        k_s, k_t = plan.k_s, plan.k_t
+        acc_dtype = accumulation_dtype(logits.dtype)
+        options = plan.options
+        k_s, k_t, z_loss = options.k_s, options.k_t, options.z_loss
 
         target = target.long()
-        valid = target != plan.ignore_index
+        valid = target != options.ignore_index
         active = valid & (target >= 0) & (target < plan.vocab_size)  # rows that get a loss
         local_target = target - plan.vocab_start
         owned = active & (local_target >= 0) & (local_target < local_size)
@@ -218,9 +198,9 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
             max_local.fill_(-math.inf)
             log_sum_local.fill_(-math.inf)
             loss_local.zero_()
-        for rows in _row_blocks(n_rows, local_size):
-            _local_statistics(
-                logits[rows], weight, column[rows], owned[rows], w_t_local[rows], sent[-1], plan,
+        for rows in row_blocks(n_rows, local_size):
+            slice_statistics(
+                logits[rows], weight, column[rows], owned[rows], w_t_local[rows], sent[-1], options,
                 out_max=max_local[rows], out_log_sum=log_sum_local[rows], out_loss=loss_local[rows],
             )
 
@@ -241,46 +221,33 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         # An empty slice has lse_r = -inf and no mass: its term is 0, not 0 * inf.
         gap = (log_sum - log_sum_ranks) - below_max  # lse - lse_r >= 0
         recentre = torch.where(slice_mass != 0, slice_mass * gap, 0.0)
-        loss_rows = (loss_ranks + recentre).sum(dim=0) + plan.z_loss * lse.square()
+        loss_rows = (loss_ranks + recentre).sum(dim=0) + z_loss * lse.square()
         nan = torch.full((), math.nan, dtype=acc_dtype, device=logits.device)
         loss_rows = torch.where(valid, torch.where(active, loss_rows, nan), 0.0)
         weight_sum = weight_sum_ranks.sum()
         w_t = w_t_ranks.sum(dim=0)
 
         if plan.reduction == "mean":
-            if normalizer is not None:
-                denominator = normalizer
-            elif weight is None:
-                denominator = valid.sum(dtype=acc_dtype)
-            else:
-                denominator = w_t.sum()
-            grad_scale = mean_scale(valid.sum(dtype=acc_dtype), denominator)
+            grad_scale = mean_gradient_scale(valid, normalizer, None if weight is None else w_t.sum(), acc_dtype)
         else:
             grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
 
         # Per-row gradient coefficients, with the mean's 1/denominator and logit_scale folded in.
-        row_factor = torch.where(active, grad_scale * plan.logit_scale, 0.0)
-        p_coef = (k_s * weight_sum + k_t * w_t + 2.0 * plan.z_loss * lse) * row_factor
+        row_factor = torch.where(active, grad_scale * options.logit_scale, 0.0)
+        p_coef = (k_s * weight_sum + k_t * w_t + 2.0 * z_loss * lse) * row_factor
         smooth_coef = k_s * row_factor
         true_coef = torch.where(owned, k_t * w_t, 0.0) * row_factor
         if plan.inplace:
             grad = logits
         else:
             grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        for rows in _row_blocks(n_rows, local_size):
-            _local_gradient(
+        for rows in row_blocks(n_rows, local_size):
+            slice_gradient(
                 logits[rows], weight, column[rows], row_max[rows], log_sum[rows], p_coef[rows], smooth_coef[rows],
-                true_coef[rows], plan, out=grad[rows],
+                true_coef[rows], options, out=grad[rows],
             )
 
-        if plan.reduction == "none":
-            loss = loss_rows
-        elif plan.reduction == "sum":
-            loss = loss_rows.sum()
-        elif n_rows == 0:
-            loss = loss_rows.sum() / 0.0  # PyTorch's mean of an empty batch
-        else:
-            loss = loss_rows.sum() * grad_scale
+        loss = reduce_rows(loss_rows, plan.reduction, grad_scale)
         # With reduction="none", rows without a gradient get no upstream (inf included), as in PyTorch.
         ctx.save_for_backward(grad, *((active,) if plan.reduction == "none" else ()))
         # A tensor normalizer n that requires grad is differentiated: d(sum / n)/dn = -sum / n^2.
@@ -296,60 +263,9 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         grad, *active = ctx.saved_tensors  # the slice's gradient: no collective needed
         if active:
             grad_loss = torch.where(active[0], grad_loss, 0.0)
-        grad = _scale_saved_gradient(grad, grad_loss)
+        grad = scale_saved_gradient(grad, grad_loss)
         grad_normalizer = None if ctx.normalizer_grad is None else ctx.normalizer_grad * grad_loss
         return grad, None, None, grad_normalizer, None
-
-
-def _local_statistics(x, weight, column, owned, w_t, weight_sum, plan, *, out_max, out_log_sum, out_loss):
-    """m_r, log s_r and L_r = sum_c q_c (lse_r - y_c) for a block of rows of this rank's slice."""
-    acc_dtype = out_max.dtype
-    y = transform_logits(x.to(acc_dtype), plan.logit_scale, plan.softcap)
-    row_max = y.amax(dim=1, keepdim=True)
-    # A slice whose logits are all -inf (a masked part of the vocabulary) is centred on 0,
-    # not on its max: -inf - -inf would be NaN.
-    finite_max = torch.where(row_max > -math.inf, row_max, 0.0)
-    shifted = y - finite_max  # y_c - m_r <= 0, -inf for a masked class
-    del y
-    target_shifted = shifted.gather(1, column.unsqueeze(1)).squeeze(1)
-    log_sum_exp = shifted.exp().sum(dim=1).log_()  # log s_r, so lse_r = m_r + log s_r
-    out_max.copy_(row_max.squeeze(1))
-    out_log_sum.copy_(log_sum_exp)
-    # L_r = k_s sum_c w_c (lse_r - y_c) + k_t w_t (lse_r - y_t). A class of mass 0 adds 0, also
-    # where its logit is -inf; one of mass > 0 adds inf there, as on one device.
-    loss = torch.zeros_like(log_sum_exp)
-    if plan.k_s != 0:
-        weighted = shifted.neg_() if weight is None else torch.where(weight != 0, -shifted * weight, 0.0)
-        loss += plan.k_s * (weight_sum * log_sum_exp + weighted.sum(dim=1))
-    true_mass = plan.k_t * w_t
-    loss += torch.where(owned & (true_mass != 0), true_mass * (log_sum_exp - target_shifted), 0.0)
-    # An all-masked slice has no finite lse_r: its whole share, Q_r (lse - lse_r), is added
-    # when the ranks' statistics are combined.
-    out_loss.copy_(torch.where(row_max.squeeze(1) > -math.inf, loss, 0.0))
-
-
-def _local_gradient(x, weight, column, row_max, log_sum, p_coef, smooth_coef, true_coef, plan, *, out):
-    """d(loss)/dx for a block of rows of this rank's slice, rounded once into `out`."""
-    y = transform_logits(x.to(log_sum.dtype), plan.logit_scale, plan.softcap)
-    # p = exp((y - m) - log s): y - m is exact for nearby large logits, y - lse is not.
-    grad = torch.exp((y - row_max.unsqueeze(1)).sub_(log_sum.unsqueeze(1)))
-    grad.mul_(p_coef.unsqueeze(1))
-    if weight is not None:
-        grad.addr_(smooth_coef, weight, alpha=-1.0)
-    else:
-        grad.sub_(smooth_coef.unsqueeze(1))
-    grad.scatter_add_(1, column.unsqueeze(1), -true_coef.unsqueeze(1))
-    if plan.softcap is not None:
-        # dy/du = 1 - (y / softcap)^2; y is a fresh tensor here (tanh made it), free to reuse.
-        grad.mul_(y.div_(plan.softcap).square_().neg_().add_(1.0))
-    out.copy_(grad)
-
-
-def _row_blocks(n_rows: int, row_length: int) -> list[slice]:
-    if row_length == 0:
-        return []
-    step = max(1, ROW_CHUNK_ELEMENTS // row_length)
-    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 def _all_gather(output: torch.Tensor, local: torch.Tensor, group) -> None:

@@ -29,9 +29,6 @@ import math
 
 import torch
 
-REDUCTIONS = ("none", "mean", "sum")
-CONVENTIONS = ("uniform", "others")
-
 
 def transform_logits(logits: torch.Tensor, logit_scale: float, softcap: float | None) -> torch.Tensor:
     y = logits * logit_scale if logit_scale != 1.0 else logits

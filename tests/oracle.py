@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 from fused_ls import smoothed_xent_reference
+from fused_ls.conventions import smoothing_masses
+
+
+def masses(eps: float, V: int, others: bool = False) -> tuple[float, float]:
+    """(k_s, k_t), the row op's two mass arguments, of eps in one of the two conventions."""
+    return smoothing_masses("others" if others else "uniform", eps, V)
+
 
 # (rtol, atol) of a float32-accumulated result against the float64 truth.
 LOSS_TOL = {

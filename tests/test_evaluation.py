@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FUSED_BACKENDS
+from oracle import masses
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fused_ls import backends, smoothed_linear_xent, smoothed_xent
@@ -38,14 +39,14 @@ FEATURES = {
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_loss_only_op_gives_the_full_ops_loss_and_lse_bit_for_bit(fused_backend, device, dtype, weighted, feature):
-    ops = backends.fused_ops(fused_backend)
+    ops = backends.row_ops(fused_backend)
     V = 333
     logits = (torch.randn(6, V, device=device) * 4).to(dtype)
     target = torch.randint(0, V, (6,), device=device)
     target[1], target[2] = -100, V - 1
     weight = torch.rand(V, device=device) + 0.5 if weighted else None
     f = {"convention": "uniform", "z_loss": 0.0, "softcap": None, "logit_scale": 1.0, **FEATURES[feature]}
-    row_args = (0.1, f["convention"] == "others", -100, f["z_loss"], f["softcap"] or 0.0, f["logit_scale"])
+    row_args = (*masses(0.1, V, f["convention"] == "others"), -100, f["z_loss"], f["softcap"] or 0.0, f["logit_scale"])
     before = logits.clone()
     loss, lse = ops.rows_loss(logits, target, weight, *row_args)
     full_loss, full_lse, _ = ops.rows(logits, target, weight, torch.tensor(1.0, device=device), *row_args)
@@ -58,11 +59,11 @@ def test_loss_only_op_gives_the_full_ops_loss_and_lse_bit_for_bit(fused_backend,
 def test_loss_only_op_on_a_few_long_rows_gives_the_full_ops_loss_and_lse(fused_backend, device):
     # 70000 logits: Triton's streamed two-pass rows; on a GPU the native op splits each of
     # these few rows over several blocks.
-    ops = backends.fused_ops(fused_backend)
+    ops = backends.row_ops(fused_backend)
     V = 70_000
     logits = (torch.randn(3, V, device=device) * 5).to(torch.bfloat16)
     target = torch.tensor([5, V - 1, -100], device=device)
-    row_args = (0.1, False, -100, 1e-4, 0.0, 1.0)
+    row_args = (*masses(0.1, V), -100, 1e-4, 0.0, 1.0)
     loss, lse = ops.rows_loss(logits, target, None, *row_args)
     full_loss, full_lse, _ = ops.rows(logits, target, None, torch.tensor(1.0, device=device), *row_args)
     torch.testing.assert_close(loss, full_loss, rtol=0, atol=0)

@@ -29,10 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import GRAD_TOL, LOSS_TOL, assert_matches_truth, loss_and_grad, truth
+from oracle import GRAD_TOL, LOSS_TOL, assert_matches_truth, loss_and_grad, masses, truth
 
 from fused_ls import _native_build, native, smoothed_xent, smoothed_xent_reference
-from fused_ls.smoothing import smoothing_masses
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -74,7 +73,7 @@ def test_native_and_triton_ops_share_the_namespace_in_either_import_order(first)
         imports[first],
         imports[second],
         "x = torch.randn(3, 11); t = torch.tensor([0, 10, 4]); s = torch.tensor(1.0)",
-        "args = (t, None, s, 0.1, False, -100, 0.0, 0.0, 1.0)",
+        "args = (t, None, s, 0.1 / 11, 0.9, -100, 0.0, 0.0, 1.0)",
         "a = torch.ops.fused_ls.smoothed_xent_rows(x, *args)",
         "b = torch.ops.fused_ls.smoothed_xent_rows_triton(x, *args)",
         "torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)",
@@ -95,7 +94,7 @@ def test_opcheck_of_the_cpu_op_for_each_dtype_and_a_strided_batch(dtype):
     target = torch.tensor([0, V - 1, -100, 7], dtype=torch.int32)
     weight = torch.rand(V, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     grad_scale = torch.tensor(0.25, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    args = (target, weight, grad_scale, 0.1, False, -100, 1e-3, 3.0, 1.1)
+    args = (target, weight, grad_scale, *masses(0.1, V), -100, 1e-3, 3.0, 1.1)
     torch.library.opcheck(_rows_op(), (logits, *args))
     torch.library.opcheck(_rows_inplace_op(), (logits.clone(), *args))
 
@@ -122,7 +121,7 @@ def _isa_script(capability: str) -> str:
         "torch.manual_seed(0)",
         "x = torch.randn(6, 5003) * 4; t = torch.tensor([0, 5002, -100, 17, 4000, 2048])",
         "w = torch.rand(5003) + 0.5; s = torch.tensor(0.5)",
-        "out = [torch.ops.fused_ls.smoothed_xent_rows(x.to(dt), t, w, s, 0.1, True, -100, 1e-2, c, 1.3)",
+        "out = [torch.ops.fused_ls.smoothed_xent_rows(x.to(dt), t, w, s, 0.1 / 5002, 0.9 - 0.1 / 5002, -100, 1e-2, c, 1.3)",
         "       for dt in (torch.float32, torch.bfloat16) for c in (0.0, 5.0)]",
         f"torch.save((native.cpu_kernel_isa(), out), os.environ['RESULT_{capability}'])",
     ])
@@ -172,7 +171,8 @@ def test_masked_classes_at_minus_infinity_behave_as_in_pytorch(dtype):
 def test_a_nan_logit_makes_its_row_nan_and_only_its_row():
     logits = torch.randn(3, 3000)
     logits[1, 2500] = float("nan")
-    loss, lse, grad = _rows_op()(logits, torch.tensor([1, 2, 3]), None, torch.tensor(1.0), 0.1, False, -100, 0.0, 0.0, 1.0)
+    loss, lse, grad = _rows_op()(logits, torch.tensor([1, 2, 3]), None, torch.tensor(1.0), *masses(0.1, 3000), -100, 0.0, 0.0,
+                                  1.0)
     assert loss[1].isnan() and lse[1].isnan() and grad[1].isnan().all()
     assert loss[[0, 2]].isfinite().all() and grad[[0, 2]].isfinite().all()
 
@@ -202,7 +202,7 @@ def test_rows_past_two_to_the_31_logits_in_bfloat16():
     originals = (torch.randn(len(checked), V) * 3).to(torch.bfloat16)
     logits[checked] = originals
     target = torch.randint(0, V, (N,))
-    loss, lse = _rows_inplace_op()(logits, target, None, torch.tensor(1.0), 0.1, False, -100, 0.0, 0.0, 1.0)
+    loss, lse = _rows_inplace_op()(logits, target, None, torch.tensor(1.0), *masses(0.1, V), -100, 0.0, 0.0, 1.0)
     for i, row in enumerate(checked):
         true_loss, true_grad = truth(originals[i : i + 1], target[row : row + 1], 0.1, reduction="none")
         assert_matches_truth(loss[row : row + 1], logits[row : row + 1], true_loss, true_grad, torch.bfloat16)
@@ -313,7 +313,7 @@ def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=F
     loss = torch.full((N,), math.nan, dtype=acc)
     lse = torch.full((N,), math.nan, dtype=acc)
     grad = None if loss_only else logits if inplace else torch.full((N, V), math.nan, dtype=logits.dtype)
-    k_s, k_t = smoothing_masses(eps, V, others)
+    k_s, k_t = masses(eps, V, others)
     problem = _RowsProblem(
         _SCALAR_KIND[logits.dtype], logits.data_ptr(), logits.stride(0), None if grad is None else grad.data_ptr(),
         0 if grad is None else grad.stride(0), target.data_ptr(), None if w is None else w.data_ptr(),
@@ -411,8 +411,8 @@ def _kernel_rows(request, kernel, logits, target, weight, eps, grad_scale, *, ot
         if not native.load()[0]:
             pytest.skip(f"native extension unavailable: {native.load()[1]}")
         scale = grad_scale.to(acc) if isinstance(grad_scale, torch.Tensor) else torch.tensor(grad_scale, dtype=acc)
-        args = (target, w, scale, eps, others, -100, features.get("z_loss", 0.0), features.get("softcap", 0.0),
-                features.get("logit_scale", 1.0))
+        args = (target, w, scale, *masses(eps, logits.shape[1], others), -100, features.get("z_loss", 0.0),
+                features.get("softcap", 0.0), features.get("logit_scale", 1.0))
         if not inplace:
             return _rows_op()(logits, *args)
         grad = logits.clone()
@@ -474,7 +474,7 @@ def test_cpu_op_takes_a_per_row_grad_scale_of_any_stride_including_an_expanded_o
     target = torch.tensor([1, 2999, -100, 2048, 7])
 
     def run(scale):
-        return _rows_op()(logits, target, None, scale, 0.1, False, -100, 0.0, 0.0, 1.0)
+        return _rows_op()(logits, target, None, scale, *masses(0.1, logits.shape[1]), -100, 0.0, 0.0, 1.0)
 
     reference = run(torch.tensor(0.75))
     expanded = torch.tensor(0.75, dtype=torch.float64).expand(N)  # stride 0, and float64
@@ -490,7 +490,7 @@ def test_cpu_op_takes_a_per_row_grad_scale_of_any_stride_including_an_expanded_o
     true_loss, true_grad = truth(logits, target, 0.1, reduction="none", upstream=strided)
     torch.testing.assert_close(loss.double(), true_loss, rtol=LOSS_TOL[torch.float32][0], atol=LOSS_TOL[torch.float32][1])
     torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[torch.float32][0], atol=GRAD_TOL[torch.float32][1])
-    args = (target, None, expanded, 0.1, False, -100, 0.0, 0.0, 1.0)
+    args = (target, None, expanded, *masses(0.1, logits.shape[1]), -100, 0.0, 0.0, 1.0)
     torch.library.opcheck(_rows_op(), (logits, *args))
     torch.library.opcheck(_rows_inplace_op(), (logits.clone(), *args))
 
@@ -504,11 +504,11 @@ def test_a_grad_scale_neither_one_element_nor_one_per_row_is_a_clear_error(shape
     expected = (r"grad_scale must have one element \(shape \(\) or \(1,\)\) or one per row of logits "
                 rf"\(shape \(5,\)\), got shape \[{', '.join(map(str, shape))}\]")
     with pytest.raises(RuntimeError, match=expected):
-        _rows_op()(logits, target, None, torch.ones(shape), 0.1, False, -100, 0.0, 0.0, 1.0)
+        _rows_op()(logits, target, None, torch.ones(shape), *masses(0.1, logits.shape[1]), -100, 0.0, 0.0, 1.0)
     with pytest.raises(RuntimeError, match=expected):
-        _rows_inplace_op()(logits, target, None, torch.ones(shape), 0.1, False, -100, 0.0, 0.0, 1.0)
+        _rows_inplace_op()(logits, target, None, torch.ones(shape), *masses(0.1, logits.shape[1]), -100, 0.0, 0.0, 1.0)
     assert torch.equal(logits, before)  # checked before anything is written
-    one_row = _rows_op()(logits[:1], target[:1], None, torch.ones(1), 0.1, False, -100, 0.0, 0.0, 1.0)  # (1,) = (N,)
+    one_row = _rows_op()(logits[:1], target[:1], None, torch.ones(1), *masses(0.1, logits.shape[1]), -100, 0.0, 0.0, 1.0)  # (1,) = (N,)
     assert one_row[2].isfinite().all()
 
 
@@ -518,7 +518,7 @@ def _zero_mass_oracle(logits, target, eps, *, weight=None, others=False, upstrea
     and exactly 0 where q_c = 0; ignored rows (-100) have loss 0 and gradient 0."""
     y = logits.double()
     N, V = y.shape
-    k_s, k_t = smoothing_masses(eps, V, others)
+    k_s, k_t = masses(eps, V, others)
     w = torch.ones(V, dtype=torch.float64) if weight is None else weight.double()
     valid = target != -100
     t = torch.where(valid, target, 0)

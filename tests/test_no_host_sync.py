@@ -20,7 +20,7 @@ independent proofs that the path has none:
 
 Deliberate exceptions: code that only ever runs on CPU tensors, where reading a value stalls
 nothing (the data already is in host memory), may read it:
-* `functional._check_targets` raises a clear IndexError for an out-of-range target on CPU
+* `_core.check_targets` raises a clear IndexError for an out-of-range target on CPU
   tensors, eager only; it is skipped for every other device and under torch.compile.
   `test_target_check_reads_the_host_only_for_cpu_tensors` proves both halves of that claim.
 * a kernel registered for the CPU dispatch key of one of our ops (the native C++ kernels; the
@@ -43,7 +43,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fused_ls import available_backends, functional, smoothed_xent, smoothed_xent_reference
+from fused_ls import _core, available_backends, functional, smoothed_xent, smoothed_xent_reference
 
 aten = torch.ops.aten
 
@@ -161,15 +161,15 @@ def forbid_host_sync():
 
 @pytest.fixture
 def cpu_target_check_allowed(monkeypatch):
-    """forbid_host_sync, with host reads allowed inside functional._check_targets only."""
-    original = functional._check_targets
+    """forbid_host_sync, with host reads allowed inside _core.check_targets only."""
+    original = _core.check_targets
     guards = []
 
     def check_targets(*args, **kwargs):
         with guards[-1].allowed() if guards else contextlib.nullcontext():
             return original(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "_check_targets", check_targets)
+    monkeypatch.setattr(_core, "check_targets", check_targets)
 
     @contextlib.contextmanager
     def guarded():
@@ -333,13 +333,13 @@ def _plant_in_triton_launcher(monkeypatch):
 
 
 def _plant_in_normaliser(monkeypatch):
-    original = functional._gradient_scale
+    original = _core.gradient_scale
 
     def gradient_scale(*args):
         scale = original(*args)
         return torch.tensor(scale.tolist(), device=scale.device)
 
-    monkeypatch.setattr(functional, "_gradient_scale", gradient_scale)
+    monkeypatch.setattr(_core, "gradient_scale", gradient_scale)
 
 
 PLANTS = {"autograd backward": _plant_in_backward, "triton launcher": _plant_in_triton_launcher,
@@ -384,10 +384,10 @@ def test_target_check_reads_the_host_only_for_cpu_tensors():
     target = torch.tensor([3, -100, 7])
     # On CPU tensors it reads the verdict on the host: that is why the eager test allows it...
     with pytest.raises(HostSyncError), forbid_host_sync():
-        functional._check_targets(target, 10, -100)
+        _core.check_targets(target, 10, -100)
     # ...and on any other device it does nothing (meta stands in for CUDA here: no data at all).
     with forbid_host_sync():
-        functional._check_targets(target.to("meta"), 10, -100)
+        _core.check_targets(target.to("meta"), 10, -100)
 
 
 # ----------------------------------------------------------------------------- torch.compile

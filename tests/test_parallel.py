@@ -26,6 +26,8 @@ import torch.multiprocessing as mp
 from oracle import GRAD_TOL, LOSS_TOL, truth
 from test_no_host_sync import forbid_host_sync
 
+import fused_ls._core
+import fused_ls.eager
 import fused_ls.parallel
 from fused_ls import smoothed_xent, smoothed_xent_reference
 
@@ -172,7 +174,7 @@ def _run_case(case: dict, rank: int, world: int, group, generator: torch.Generat
     upstream_grad = torch.ones(upstream_shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     if upstream is not None:
         upstream_grad = upstream.to(upstream_grad.dtype)
-    # The backward is the single-device path's (functional._scale_saved_gradient), which
+    # The backward is the single-device path's (fused_ls._autograd.scale_saved_gradient), which
     # test_no_host_sync guards; the forward, with its collective, is this module's to guard.
     skip_check = _target_check_replaced_by(lambda check: lambda *args: None)
     with skip_check if case.get("out_of_range_row") else contextlib.nullcontext(), \
@@ -214,12 +216,12 @@ def _run_case(case: dict, rank: int, world: int, group, generator: torch.Generat
 
 @contextlib.contextmanager
 def _target_check_replaced_by(make_replacement):
-    original = fused_ls.parallel._check_targets
-    fused_ls.parallel._check_targets = make_replacement(original)
+    original = fused_ls._core.check_targets
+    fused_ls._core.check_targets = make_replacement(original)
     try:
         yield
     finally:
-        fused_ls.parallel._check_targets = original
+        fused_ls._core.check_targets = original
 
 
 @contextlib.contextmanager
@@ -274,13 +276,13 @@ def _worker(rank: int, world: int, store_path: str, seed: int, out_dir: str, por
             results[name] = {"skipped": True}
             continue
         generator = torch.Generator().manual_seed(seed + index)  # the same inputs on every rank
-        saved_chunk = fused_ls.parallel.ROW_CHUNK_ELEMENTS
+        saved_chunk = fused_ls.eager.ROW_CHUNK_ELEMENTS
         try:
             if name in ERROR_CASES:
                 _run_error_case(case, rank, world, group, generator)
                 results[name] = {"error": None, "loss": []}
             else:
-                fused_ls.parallel.ROW_CHUNK_ELEMENTS = case.get("row_chunk_elements", saved_chunk)
+                fused_ls.eager.ROW_CHUNK_ELEMENTS = case.get("row_chunk_elements", saved_chunk)
                 results[name] = {"error": None, "loss": _run_case(case, rank, world, group, generator)}
         except AssertionError:
             results[name] = {"error": traceback.format_exc()}
@@ -288,7 +290,7 @@ def _worker(rank: int, world: int, store_path: str, seed: int, out_dir: str, por
             results[name] = {"error": traceback.format_exc()}
             failed = True
         finally:
-            fused_ls.parallel.ROW_CHUNK_ELEMENTS = saved_chunk
+            fused_ls.eager.ROW_CHUNK_ELEMENTS = saved_chunk
     dist.destroy_process_group()
     if not failed:  # the README's example, run as torchrun would run it
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))

@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import GRAD_TOL, LOSS_TOL
+from oracle import GRAD_TOL, LOSS_TOL, masses
 
 from fused_ls import available_backends, smoothed_xent
-from fused_ls.smoothing import smoothing_masses
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="Triton cannot run here")
 
@@ -41,7 +40,7 @@ def launch(kernel, logits, target, eps, *, weight=None, grad_scale=None, others=
     """Run the launcher into NaN-filled buffers; (loss, lse, grad or None)."""
     N, V = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    k_s, k_t = smoothing_masses(eps, V, others)
+    k_s, k_t = masses(eps, V, others)
     weight_sum = weight.sum(dtype=acc) if weight is not None else None
     grad = torch.full_like(logits, float("nan")) if write_grad else None
     if write_grad and grad_scale is None:
@@ -58,7 +57,7 @@ def oracle(logits, target, eps, *, weight=None, others=False, ignore_index=-100)
     adds exactly 0 to the loss even where its logit is -inf."""
     y = logits.double()
     N, V = y.shape
-    k_s, k_t = smoothing_masses(eps, V, others)
+    k_s, k_t = masses(eps, V, others)
     w = weight.double() if weight is not None else torch.ones(V, dtype=torch.float64, device=y.device)
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
@@ -277,28 +276,28 @@ def test_fp32_loss_is_shift_invariant_at_logits_near_1e4(kernel, path, device, o
 
 
 def test_inplace_refuses_logits_whose_rows_share_memory(device):
-    from fused_ls.backends import fused_ops
+    from fused_ls.backends import row_ops
 
     V = 16
     logits = torch.randn(1, V, device=device).expand(4, V)
     target = torch.zeros(4, dtype=torch.long, device=device)
     one = torch.ones((), device=device)
     with pytest.raises(RuntimeError, match="rows do not share memory"):
-        fused_ops("triton").rows_inplace(logits, target, None, one, 0.1, False, -100, 0.0, 0.0, 1.0)
+        row_ops("triton").rows_inplace(logits, target, None, one, *masses(0.1, V), -100, 0.0, 0.0, 1.0)
 
 
 def test_inplace_accepts_rows_past_a_padded_stride(device):
-    from fused_ls.backends import fused_ops
+    from fused_ls.backends import row_ops
 
     N, V = 3, 16
     storage = torch.randn(N, 24, device=device)
     logits = storage[:, :V]
     target = torch.randint(0, V, (N,), device=device)
     one = torch.ones((), device=device)
-    ops = fused_ops("triton")
-    loss, _, grad = ops.rows(logits, target, None, one, 0.1, False, -100, 0.0, 0.0, 1.0)
+    ops = row_ops("triton")
+    loss, _, grad = ops.rows(logits, target, None, one, *masses(0.1, V), -100, 0.0, 0.0, 1.0)
     tail = storage[:, V:].clone()
-    loss_inplace, _ = ops.rows_inplace(logits, target, None, one, 0.1, False, -100, 0.0, 0.0, 1.0)
+    loss_inplace, _ = ops.rows_inplace(logits, target, None, one, *masses(0.1, V), -100, 0.0, 0.0, 1.0)
     torch.testing.assert_close(loss_inplace, loss, rtol=0, atol=0)
     torch.testing.assert_close(logits, grad, rtol=0, atol=0)
     torch.testing.assert_close(storage[:, V:], tail, rtol=0, atol=0)

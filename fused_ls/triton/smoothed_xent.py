@@ -59,8 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_ls._library import define_op
-from fused_ls.smoothing import smoothing_masses
+from fused_ls._row_op import define_row_ops
 
 # Rows up to this many logits are held in registers and read once; longer rows are
 # streamed twice in chunks of CHUNKED_BLOCK. A whole row of 16384 does not fit: at 16 or 32
@@ -343,54 +342,12 @@ def _emulate_rtne(out: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- registration
-# The same schemas as the native ops (csrc/ops.cpp), under their own names so both can be
-# loaded at once; fused_ls/backends.py picks one by name, never by device.
-
-_ROW_ARGUMENTS = ("Tensor target, Tensor? weight, {grad_scale}float label_smoothing, bool smooth_others, "
-                  "int ignore_index, float z_loss, float softcap, float logit_scale")
+# The row op's contract (fused_ls/_row_op.py) under its own names, so that the native ops can
+# be loaded at once; fused_ls/backends.py picks a backend by name, never by device.
 
 
-def _rows(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
-          logit_scale):
-    loss, lse = _row_outputs(logits)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss,
-         softcap, logit_scale)
-    return loss, lse, grad
-
-
-def _rows_inplace(logits, target, weight, grad_scale, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
-                  logit_scale):
-    # Rows that share memory would each write the gradient of the others' logits. As
-    # at::assert_no_internal_overlap, only a certain overlap (1) is refused, not "cannot tell" (2).
-    if torch._debug_has_internal_overlap(logits) == 1:
-        raise RuntimeError(
-            "fused_ls: inplace_backward needs logits whose rows do not share memory "
-            f"(got shape {tuple(logits.shape)}, strides {logits.stride()}); "
-            "call .contiguous() first or drop inplace_backward"
-        )
-    loss, lse = _row_outputs(logits)
-    _run(logits, target, weight, grad_scale, logits, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss,
-         softcap, logit_scale)
-    return loss, lse
-
-
-def _rows_loss(logits, target, weight, label_smoothing, smooth_others, ignore_index, z_loss, softcap, logit_scale):
-    loss, lse = _row_outputs(logits)
-    _run(logits, target, weight, None, None, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss, softcap,
-         logit_scale)
-    return loss, lse
-
-
-def _row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
-
-
-def _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, smooth_others, ignore_index, z_loss,
-         softcap, logit_scale):
-    k_s, k_t = smoothing_masses(label_smoothing, logits.shape[1], smooth_others)
+def _run_out(logits, target, weight, grad_scale, grad, loss, lse, k_s, k_t, ignore_index, z_loss, softcap,
+             logit_scale):
     weight_sum = None
     if weight is not None:
         weight_sum = weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
@@ -398,26 +355,4 @@ def _run(logits, target, weight, grad_scale, grad, loss, lse, label_smoothing, s
                            k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
 
 
-def _fake_rows(logits, *args):
-    loss, lse = _row_outputs(logits)
-    return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _fake_row_outputs(logits, *args):
-    return _row_outputs(logits)
-
-
-smoothed_xent_rows = define_op(
-    "smoothed_xent_rows_triton(Tensor logits, " + _ROW_ARGUMENTS.format(grad_scale="Tensor grad_scale, ")
-    + ") -> (Tensor, Tensor, Tensor)",
-    default=_rows, fake=_fake_rows,
-)
-smoothed_xent_rows_ = define_op(
-    "smoothed_xent_rows_triton_(Tensor(a!) logits, " + _ROW_ARGUMENTS.format(grad_scale="Tensor grad_scale, ")
-    + ") -> (Tensor, Tensor)",
-    default=_rows_inplace, fake=_fake_row_outputs, mutated=(0,),
-)
-smoothed_xent_rows_loss = define_op(
-    "smoothed_xent_rows_loss_triton(Tensor logits, " + _ROW_ARGUMENTS.format(grad_scale="") + ") -> (Tensor, Tensor)",
-    default=_rows_loss, fake=_fake_row_outputs,
-)
+ROW_OPS = define_row_ops("_triton", _run_out)

@@ -1,0 +1,126 @@
+"""The row op: the one contract every backend implements, written once.
+
+    rows(logits, target, weight?, grad_scale, k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
+        -> (loss_rows, lse, grad)
+    rows_inplace: the same, with the gradient written over `logits` -> (loss_rows, lse)
+    rows_loss: the same without grad_scale: the loss and lse only, no gradient allocated or
+        written (a forward that needs no gradient: evaluation, no_grad, a recomputing forward)
+
+`logits` (N, V) has unit stride along V; `target` (N,) int64/int32 and `weight` (V,) are read
+with their strides; `grad_scale` holds one element (every row's gradient times it) or N (row
+i's times entry i: an upstream gradient folded in before the single rounding). loss_rows and
+lse are (N,) float32 (float64 for float64 logits); grad has the logits' dtype. Ignored rows:
+loss 0, gradient 0; a target outside [0, V) is never dereferenced: loss NaN, gradient 0. The
+scalars are RowOptions (fused_ls._core), the convention already turned into the masses k_s and
+k_t (fused_ls.conventions). The maths: docs/maths.md.
+
+A backend is a RowOps: three callables with these signatures. The fused backends are
+torch.library ops (`define_row_ops`), one schema and one fake for all; "torch" is the same
+contract in eager PyTorch (fused_ls.eager).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from fused_ls._library import define_op
+
+_ARGUMENTS = ("Tensor target, Tensor? weight, {grad_scale}float k_s, float k_t, int ignore_index, float z_loss, "
+              "float softcap, float logit_scale")
+
+
+class RowOptions(NamedTuple):
+    """The scalars of one row op call, in the schema's order: `op(..., *options)`.
+
+    A NamedTuple: immutable, and traced by torch.compile as the tuple it is."""
+
+    k_s: float  # smoothing mass per unit of class weight (fused_ls.conventions)
+    k_t: float  # the true class's extra mass
+    ignore_index: int
+    z_loss: float
+    softcap: float  # 0.0: no softcap
+    logit_scale: float
+
+
+@dataclass(frozen=True)
+class RowOps:
+    name: str
+    rows: Callable
+    rows_inplace: Callable
+    rows_loss: Callable
+
+
+def row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N,) loss and lse buffers of a call (float64 for float64 logits, else float32)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
+
+
+def _fake_rows(logits, *args):
+    loss, lse = row_outputs(logits)
+    return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_row_outputs(logits, *args):
+    return row_outputs(logits)
+
+
+def define_row_ops(suffix: str, run_out: Callable | None = None) -> RowOps:
+    """Define fused_ls::smoothed_xent_rows{suffix}, smoothed_xent_rows{suffix}_ and
+    smoothed_xent_rows_loss{suffix}.
+
+    `run_out(logits, target, weight, grad_scale, grad, loss, lse, *options)` computes into
+    the given buffers (grad and grad_scale None for the loss only; grad may be `logits`) and
+    serves every device. Without it the ops are declared for the kernels that the native
+    extension registers from C++ when it loads."""
+    with_scale = _ARGUMENTS.format(grad_scale="Tensor grad_scale, ")
+    without_scale = _ARGUMENTS.format(grad_scale="")
+    name = suffix.lstrip("_") or "native"
+    rows = rows_inplace = rows_loss = None
+    if run_out is not None:
+        implementations = allocating_row_ops(name, run_out)
+        rows, rows_inplace, rows_loss = (implementations.rows, implementations.rows_inplace,
+                                         implementations.rows_loss)
+    return RowOps(
+        name,
+        define_op(f"smoothed_xent_rows{suffix}(Tensor logits, {with_scale}) -> (Tensor loss, Tensor lse, Tensor grad)",
+                  default=rows, fake=_fake_rows),
+        define_op(f"smoothed_xent_rows{suffix}_(Tensor(a!) logits, {with_scale}) -> (Tensor loss, Tensor lse)",
+                  default=rows_inplace, fake=_fake_row_outputs, mutated=(0,) if run_out is not None else ()),
+        define_op(f"smoothed_xent_rows_loss{suffix}(Tensor logits, {without_scale}) -> (Tensor loss, Tensor lse)",
+                  default=rows_loss, fake=_fake_row_outputs),
+    )
+
+
+def allocating_row_ops(name: str, run_out: Callable) -> RowOps:
+    """The three variants over one `run_out`, each allocating its outputs."""
+
+    def rows(logits, target, weight, grad_scale, *options):
+        loss, lse = row_outputs(logits)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        run_out(logits, target, weight, grad_scale, grad, loss, lse, *options)
+        return loss, lse, grad
+
+    def rows_inplace(logits, target, weight, grad_scale, *options):
+        # Rows that share memory would each write the gradient of the others' logits. As
+        # at::assert_no_internal_overlap, only a certain overlap (1) is refused, not "cannot tell" (2).
+        if torch._debug_has_internal_overlap(logits) == 1:
+            raise RuntimeError(
+                "fused_ls: inplace_backward needs logits whose rows do not share memory "
+                f"(got shape {tuple(logits.shape)}, strides {logits.stride()}); "
+                "call .contiguous() first or drop inplace_backward"
+            )
+        loss, lse = row_outputs(logits)
+        run_out(logits, target, weight, grad_scale, logits, loss, lse, *options)
+        return loss, lse
+
+    def rows_loss(logits, target, weight, *options):
+        loss, lse = row_outputs(logits)
+        run_out(logits, target, weight, None, None, loss, lse, *options)
+        return loss, lse
+
+    return RowOps(name, rows, rows_inplace, rows_loss)

@@ -1,0 +1,126 @@
+"""The row op in eager PyTorch: the "torch" backend's RowOps, and the passes over a slice of
+the classes that vocabulary parallelism runs on every rank.
+
+The same contract and the same algebra as the fused kernels (fused_ls._row_op,
+docs/maths.md), written with PyTorch ops: the portable fallback of the linear head and the
+local passes of fused_ls.parallel. The test oracle is fused_ls.reference, which shares none
+of this algebra. Rows are processed in blocks that bound the float32 temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fused_ls._row_op import RowOptions, allocating_row_ops
+
+# Rows are processed in blocks of at most this many logits, which bounds the float32
+# temporaries (about three blocks live at once: 3 x 128 MiB) whatever the batch.
+ROW_CHUNK_ELEMENTS = 1 << 25
+
+
+def row_blocks(n_rows: int, row_length: int) -> list[slice]:
+    if row_length == 0:
+        return []
+    step = max(1, ROW_CHUNK_ELEMENTS // row_length)
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def transform(x: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor:
+    """y = softcap * tanh(logit_scale * x / softcap), or logit_scale * x for softcap 0; a new tensor."""
+    y = x * logit_scale
+    if softcap:
+        y = torch.tanh(y.div_(softcap)).mul_(softcap)
+    return y
+
+
+def slice_statistics(x, weight, column, owned, w_t, weight_sum, options, *, out_max, out_log_sum, out_loss):
+    """m_r, log s_r and L_r = sum_c q_c (lse_r - y_c) for a block of rows over a slice of the
+    classes (the whole row on one device). `column` is each row's target within the slice
+    (any value where not `owned`), `w_t` its class weight (0 where not owned), `weight_sum`
+    the slice's sum of class weights."""
+    y = transform(x.to(out_max.dtype), options.logit_scale, options.softcap)
+    row_max = y.amax(dim=1, keepdim=True)
+    # A slice whose logits are all -inf (a masked part of the vocabulary) is centred on 0,
+    # not on its max: -inf - -inf would be NaN.
+    finite_max = torch.where(row_max > -math.inf, row_max, 0.0)
+    distance = finite_max - y  # m_r - y_c >= 0, +inf for a masked class
+    del y
+    log_sum_exp = distance.neg().exp_().sum(dim=1).log_()  # log s_r, so lse_r = m_r + log s_r
+    out_max.copy_(row_max.squeeze(1))
+    out_log_sum.copy_(log_sum_exp)
+    k_s, k_t = options.k_s, options.k_t
+    # L_r = Q_r log s_r + k_s sum_{c != t} w_c (m_r - y_c) + (k_s + k_t) w_t (m_r - y_t): the true
+    # class carries its whole mass in its own term, and a class of mass 0 adds 0, also where
+    # its logit is -inf (never 0 * inf); one of mass > 0 adds inf there, as on one device.
+    loss = (k_s * weight_sum + k_t * w_t) * log_sum_exp
+    target_distance = distance.gather(1, column.unsqueeze(1)).squeeze(1)
+    if k_s != 0:
+        if weight is not None:
+            distance = torch.where(weight != 0, distance * weight, 0.0)
+        kept = torch.where(owned, 0.0, distance.gather(1, column.unsqueeze(1)).squeeze(1))
+        distance.scatter_(1, column.unsqueeze(1), kept.unsqueeze(1))  # the owned true class left out
+        loss += k_s * distance.sum(dim=1)
+    true_mass = (k_s + k_t) * w_t
+    loss += torch.where(owned & (true_mass != 0), true_mass * target_distance, 0.0)
+    # An all-masked slice has no finite lse_r: vocabulary parallelism adds its whole share,
+    # Q_r (lse - lse_r), when the ranks' statistics are combined.
+    out_loss.copy_(torch.where(row_max.squeeze(1) > -math.inf, loss, 0.0))
+
+
+def slice_gradient(x, weight, column, row_max, log_sum, p_coef, smooth_coef, true_coef, options, *, out):
+    """d(loss)/dx for a block of rows over a slice of the classes, rounded once into `out`:
+    p_c * p_coef - w_c * smooth_coef - [c == column] * true_coef, times dy/dx's softcap factor
+    (logit_scale and any upstream gradient are in the coefficients). `out` may be `x`."""
+    y = transform(x.to(log_sum.dtype), options.logit_scale, options.softcap)
+    # p = exp((y - m) - log s): y - m is exact for nearby large logits, y - lse is not.
+    grad = torch.exp((y - row_max.unsqueeze(1)).sub_(log_sum.unsqueeze(1)))
+    grad.mul_(p_coef.unsqueeze(1))
+    if weight is not None:
+        grad.addr_(smooth_coef, weight, alpha=-1.0)
+    else:
+        grad.sub_(smooth_coef.unsqueeze(1))
+    grad.scatter_add_(1, column.unsqueeze(1), -true_coef.unsqueeze(1))
+    if options.softcap:
+        # dy/du = 1 - (y / softcap)^2; y is a fresh tensor here, free to reuse.
+        grad.mul_(y.div_(options.softcap).square_().neg_().add_(1.0))
+    out.copy_(grad)
+
+
+def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
+    """The row op's contract on one device: the whole row is one slice."""
+    options = RowOptions(*scalars)
+    n_rows, V = logits.shape
+    acc = loss.dtype
+    target = target.long()
+    valid = target != options.ignore_index  # in int64: an ignore_index beyond int32 matches no int32 target
+    active = valid & (target >= 0) & (target < V)
+    column = torch.where(active, target, torch.zeros_like(target))  # never an index out of range
+    if weight is not None:
+        weight = weight.to(acc)
+        w_t = weight[column] * active
+        weight_sum = weight.sum()
+    else:
+        w_t = active.to(acc)
+        weight_sum = float(V)
+    row_max, log_sum = torch.empty_like(loss), torch.empty_like(loss)
+    for rows in row_blocks(n_rows, V):
+        slice_statistics(logits[rows], weight, column[rows], active[rows], w_t[rows], weight_sum, options,
+                         out_max=row_max[rows], out_log_sum=log_sum[rows], out_loss=loss[rows])
+    lse.copy_(row_max + log_sum)
+    finite = row_max > -math.inf  # a row of -inf logits: NaN, as in PyTorch
+    loss.copy_(torch.where(finite, loss + options.z_loss * lse.square(), math.nan))
+    loss.copy_(torch.where(valid, torch.where(active, loss, math.nan), 0.0))
+    if grad is None:
+        return
+    row_factor = torch.where(active, grad_scale.to(acc).reshape(-1).expand(n_rows) * options.logit_scale, 0.0)
+    p_coef = (options.k_s * weight_sum + options.k_t * w_t + 2.0 * options.z_loss * lse) * row_factor
+    smooth_coef = options.k_s * row_factor
+    true_coef = options.k_t * w_t * row_factor
+    for rows in row_blocks(n_rows, V):
+        slice_gradient(logits[rows], weight, column[rows], row_max[rows], log_sum[rows], p_coef[rows],
+                       smooth_coef[rows], true_coef[rows], options, out=grad[rows])
+
+
+EAGER_ROW_OPS = allocating_row_ops("torch", _run_out)
