@@ -11,7 +11,7 @@ from conftest import ALL_BACKENDS
 from oracle import GRAD_TOL, LOSS_TOL, TRITON_FLOAT64_GRAD_ATOL, masses, truth
 
 from fused_ls import backends
-from fused_ls.conventions import CONVENTIONS
+from fused_ls.conventions import CONVENTIONS, smoothing_masses
 
 
 @pytest.fixture(params=ALL_BACKENDS)
@@ -37,7 +37,7 @@ def _inputs(device, dtype, V=37, N=7):
 def test_every_backend_gives_the_oracles_rows_and_gradient(row_backend, device, dtype, convention):
     logits, target, weight = _inputs(device, dtype)
     N, V = logits.shape
-    options = (*masses(0.1, V, convention == "others"), -100, 1e-2, 4.0, 1.3)
+    options = (*smoothing_masses(convention, 0.1, V), -100, 1e-2, 4.0, 1.3)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     scale = torch.tensor([0.5, 2.0, -1.0, 3.0, 0.0, 1e-3, 7.0], dtype=acc, device=device)
     kwargs = {"convention": convention, "z_loss": 1e-2, "softcap": 4.0, "logit_scale": 1.3, "weight": weight}
