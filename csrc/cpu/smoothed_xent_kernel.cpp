@@ -12,7 +12,7 @@
 // exp (exp_nonpositive below, inline, as the exp is most of the arithmetic). While a chunk's
 // exps are computed, the next chunk is prefetched, so that memory and arithmetic overlap.
 // The `e` buffer is rewritten for every row and stays in L2 (a 128k-class row is 512 KB
-// of fp32; this machine's L2 is 2 MB per core), so DRAM sees each logit read once and each
+// of fp32; server x86 cores have 1-2 MB of L2 each), so DRAM sees each logit read once and each
 // gradient element written once. The smoothing sum is accumulated per chunk as
 // sum_c w_c (y_c - m_k), small numbers, and combined as sum_k [(m - m_k) W_k - d_k]: adding a
 // constant to every logit changes nothing, and nothing large is subtracted.
