@@ -3,7 +3,10 @@
     pip install --no-build-isolation -e .
 
 compiles the C++ CPU kernels always, and the CUDA kernels too when torch has CUDA and nvcc
-is present (FUSED_LS_NO_CUDA=1 skips them). With no torch or no C++ compiler at build time
+is present (FUSED_LS_NO_CUDA=1 skips them): for the visible GPUs, for TORCH_CUDA_ARCH_LIST, or
+with no GPU visible for sm_80, sm_90 and sm_100. A CUDA build that cannot work (nvcc of
+another CUDA major version than torch's, no CUDA headers) stops with a message naming the fix.
+With no torch or no C++ compiler at build time
 the pure-Python package still installs, and fused_ls builds the extension just in time on
 first use (fused_ls/native.py). The sources also ship inside the package, as fused_ls/_csrc,
 for that just-in-time build. How the parts are compiled: fused_ls/_native_build.py.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -35,29 +39,34 @@ def _native_extension() -> dict:
     if os.environ.get("FUSED_LS_NO_NATIVE") == "1":
         print("fused_ls: FUSED_LS_NO_NATIVE=1, installing without the native extension")
         return {}
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         print("fused_ls: torch is not importable at build time; the native extension will be built on first use")
         return {}
     build = _build_helpers()
     if build.cxx_compiler() is None:
         print("fused_ls: no C++ compiler found; installing without the native extension")
         return {}
+    try:
+        cuda = build.cuda_build_plan()  # first: it may set CUDA_HOME, which cpp_extension reads on import
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:
+        print(f"fused_ls: torch is not importable at build time ({exc}); the native extension will be built on first use")
+        return {}
+    except build.CudaBuildError as exc:
+        sys.exit(f"fused_ls: cannot build the CUDA kernels: {exc}")
 
-    no_cuda_reason = build.cuda_build_reason()
     isas = build.kernel_isas()
     cxx_flags = [*build.CXX_FLAGS, *build.isa_defines(isas)]
     sources = [f"csrc/{name}" for name in build.CPU_SOURCES]
-    if no_cuda_reason is None:
-        print("fused_ls: building the C++ and CUDA kernels")
+    if cuda.why_not is None:
+        print(f"fused_ls: building the C++ and CUDA kernels (CUDA for {cuda.archs})")
         sources += [f"csrc/{name}" for name in build.CUDA_SOURCES]
         extension = CUDAExtension(
             "fused_ls._C", sources,
-            extra_compile_args={"cxx": [*cxx_flags, "-DFUSED_LS_WITH_CUDA"], "nvcc": build.NVCC_FLAGS},
+            extra_compile_args={"cxx": [*cxx_flags, "-DFUSED_LS_WITH_CUDA"], "nvcc": cuda.nvcc_flags},
         )
     else:
-        print(f"fused_ls: building the C++ kernels (CPU kernel for {', '.join(isas)}); no CUDA: {no_cuda_reason}")
+        print(f"fused_ls: building the C++ kernels (CPU kernel for {', '.join(isas)}); no CUDA: {cuda.why_not}")
         extension = CppExtension("fused_ls._C", sources, extra_compile_args={"cxx": cxx_flags})
 
     class BuildNativeExtension(BuildExtension):

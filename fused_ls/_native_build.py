@@ -10,6 +10,12 @@ The extension has three parts:
   * with a CUDA torch and nvcc, csrc/cuda/*.cu (plain CUDA, no torch headers) and the torch
     wrapper csrc/cuda/smoothed_xent_cuda.cpp.
 
+For the CUDA part it also decides what torch.utils.cpp_extension would get wrong on a machine
+with nvcc and no visible GPU (a build container, CI): the CUDA toolkit where the nvcc on PATH is
+a link or a wrapper script (prepare_cuda_home), and the architectures to compile for
+(cuda_arch_list: sm_80, sm_90 and sm_100 unless TORCH_CUDA_ARCH_LIST says otherwise). A CUDA
+build that cannot work stops with CudaBuildError, whose message names the fix.
+
 setup.py loads this file by path, so it must import without torch and without fused_ls.
 """
 
@@ -18,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 CPU_SOURCES = ("ops.cpp", "cpu/smoothed_xent_cpu.cpp", "cpu/compensated_add_cpu.cpp")
 CUDA_SOURCES = ("cuda/smoothed_xent_kernel.cu", "cuda/smoothed_xent_cuda.cpp")
@@ -75,21 +83,183 @@ def isa_defines(isas: list[str]) -> list[str]:
     return [f"-DFUSED_LS_CPU_{isa}" for isa in isas if isa != "DEFAULT"]
 
 
-def cuda_build_reason() -> str | None:
-    """None when the CUDA kernels can be built here, else why not."""
+# Compiled for when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset, each where the nvcc
+# has it (the first CUDA release that does): Ampere (A100), Hopper (H100, H200), Blackwell
+# (B200). The newest is embedded as PTX too, which the driver compiles for a later GPU.
+DEFAULT_CUDA_ARCHS = (("8.0", (11, 0)), ("9.0", (11, 8)), ("10.0", (12, 8)))
+
+NO_CUDA_HINT = "or set FUSED_LS_NO_CUDA=1 to build the CPU kernels only"
+
+
+class CudaBuildError(RuntimeError):
+    """A CUDA build that cannot work here; the message names the fix."""
+
+
+class CudaPlan(NamedTuple):
+    why_not: str | None  # None: build the CUDA kernels; else why only the C++ ones are built
+    nvcc_flags: list[str]  # NVCC_FLAGS, and -gencode flags where fused_ls chose the architectures
+    archs: str  # what the CUDA kernels are compiled for, in words
+
+
+def _is_cuda_home(home: Path) -> bool:
+    return (home / "bin" / "nvcc").is_file() and (home / "include" / "cuda_runtime.h").is_file()
+
+
+def _nvcc_top(nvcc: str) -> Path | None:
+    """The toolkit folder that nvcc itself reports (TOP= of a dry run): found through wrapper scripts."""
+    try:
+        proc = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", proc.stdout + proc.stderr, re.MULTILINE)
+    return Path(os.path.realpath(match.group(1).strip())) if match else None
+
+
+def resolve_cuda_home(environ=None) -> str | None:
+    """The CUDA toolkit of the nvcc on PATH where torch's guess of it would be wrong, else None.
+
+    torch.utils.cpp_extension, when imported, takes $CUDA_HOME, else $CUDA_PATH, else the folder
+    above the folder of `which nvcc`, else /usr/local/cuda. Where nvcc on PATH is a link or a
+    wrapper script (/usr/local/bin/nvcc -> /usr/local/cuda-13.0/bin/nvcc), that guess is
+    /usr/local, with no CUDA headers. Here the link is resolved (and a script asked where its
+    toolkit is): the first folder with bin/nvcc and include/cuda_runtime.h. None where CUDA_HOME
+    or CUDA_PATH is set, there is no nvcc on PATH, torch's guess has the headers, or nothing does.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("CUDA_HOME") or environ.get("CUDA_PATH"):
+        return None
+    nvcc = shutil.which("nvcc", path=environ.get("PATH"))
+    if nvcc is None:
+        return None
+    if _is_cuda_home(Path(os.path.dirname(os.path.dirname(nvcc)))):  # torch's guess, as torch makes it
+        return None
+    resolved = Path(os.path.realpath(nvcc)).parent.parent
+    if _is_cuda_home(resolved):
+        return str(resolved)
+    top = _nvcc_top(nvcc)
+    if top is not None and _is_cuda_home(top):
+        return str(top)
+    return None
+
+
+def prepare_cuda_home() -> str | None:
+    """Set CUDA_HOME to resolve_cuda_home()'s answer, if any, and return it.
+
+    Call it before torch.utils.cpp_extension is imported (it reads CUDA_HOME then); where it
+    already was, with a CUDA torch, its CUDA_HOME is corrected too.
+    """
+    home = resolve_cuda_home()
+    if home is None:
+        return None
+    os.environ["CUDA_HOME"] = home
+    cpp_extension = sys.modules.get("torch.utils.cpp_extension")
+    if cpp_extension is not None and cpp_extension.CUDA_HOME is not None:
+        cpp_extension.CUDA_HOME = home
+    return home
+
+
+def nvcc_version(nvcc: str | os.PathLike) -> tuple[int, int] | None:
+    """(major, minor) of `nvcc --version`'s release, or None where it does not say."""
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def cuda_arch_list(nvcc: tuple[int, int] | None, gpu_count: int, user_list: str | None) -> list[str] | None:
+    """The architectures to compile for ("9.0", "10.0+PTX"), or None where torch's choice stands.
+
+    torch's: the user's TORCH_CUDA_ARCH_LIST (`user_list`), or without one those of the visible
+    GPUs; with neither, torch fails (IndexError), so fused_ls chooses DEFAULT_CUDA_ARCHS, those
+    this nvcc (its version `nvcc`) can compile for.
+    """
+    user_list = (user_list or "").strip()
+    if gpu_count > 0 or (user_list and user_list != "native"):
+        return None
+    if user_list == "native":
+        raise CudaBuildError(
+            "TORCH_CUDA_ARCH_LIST=native needs a visible GPU, and none is: set TORCH_CUDA_ARCH_LIST to the GPUs' "
+            "architectures (e.g. '9.0' for an H100), or unset it to build for sm_80, sm_90 and sm_100, " + NO_CUDA_HINT)
+    if nvcc is None:
+        raise CudaBuildError(
+            "no GPU is visible and nvcc's version is unknown, so fused_ls cannot choose the architectures: "
+            "set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0;10.0'), " + NO_CUDA_HINT)
+    archs = [arch for arch, first_release in DEFAULT_CUDA_ARCHS if nvcc >= first_release]
+    if not archs:
+        raise CudaBuildError(
+            f"nvcc {nvcc[0]}.{nvcc[1]} cannot compile for sm_80 or any later GPU: install CUDA 11.8 or newer "
+            "(the version torch was built with) and set CUDA_HOME to it, " + NO_CUDA_HINT)
+    archs[-1] += "+PTX"
+    return archs
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """nvcc's flags for architectures as TORCH_CUDA_ARCH_LIST names them, as torch writes them."""
+    flags = []
+    for arch in archs:
+        num = arch.split("+")[0].replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def check_cuda_toolkit(home: str | os.PathLike, version: tuple[int, int] | None, torch_cuda: str) -> None:
+    """Raise CudaBuildError where the toolkit at `home` (nvcc `version`) cannot build for a torch
+    built with CUDA `torch_cuda`: another major version (as torch checks it), or no headers."""
+    home = Path(home)
+    if version is not None and str(version[0]) != torch_cuda.split(".")[0]:
+        major = torch_cuda.split(".")[0]
+        raise CudaBuildError(
+            f"nvcc {version[0]}.{version[1]} ({home / 'bin' / 'nvcc'}) cannot build for this torch, which was built "
+            f"with CUDA {torch_cuda}: install a CUDA {major}.x toolkit and set CUDA_HOME to it, or install a torch "
+            f"built for CUDA {version[0]}.x, " + NO_CUDA_HINT)
+    if not (home / "include" / "cuda_runtime.h").is_file():
+        raise CudaBuildError(
+            f"no CUDA headers: {home / 'include' / 'cuda_runtime.h'} does not exist: set CUDA_HOME to the CUDA "
+            "toolkit's folder (the one with bin/nvcc and include/cuda_runtime.h) or install the toolkit's "
+            "headers, " + NO_CUDA_HINT)
+
+
+def cuda_build_plan() -> CudaPlan:
+    """Whether and how the CUDA kernels are built here; CudaBuildError where they cannot be.
+
+    Only C++ (why_not says why) with FUSED_LS_NO_CUDA=1, a torch without CUDA, or no nvcc at all.
+    Call it before torch.utils.cpp_extension is imported: it sets CUDA_HOME (prepare_cuda_home).
+    """
     if os.environ.get("FUSED_LS_NO_CUDA") == "1":
-        return "FUSED_LS_NO_CUDA=1"
+        return CudaPlan("FUSED_LS_NO_CUDA=1", [], "")
     import torch
-    from torch.utils import cpp_extension
 
     if torch.version.cuda is None:
-        return f"torch {torch.__version__} has no CUDA"
-    if cpp_extension.CUDA_HOME is None:
-        return "no CUDA toolkit (nvcc) found; set CUDA_HOME"
-    nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+        return CudaPlan(f"torch {torch.__version__} has no CUDA", [], "")
+    set_by_user = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    prepare_cuda_home()
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None:
+        return CudaPlan(f"no nvcc (not on PATH, no CUDA_HOME, no /usr/local/cuda); for the CUDA kernels install the "
+                        f"CUDA {torch.version.cuda} toolkit and set CUDA_HOME", [], "")
+    nvcc = Path(home) / "bin" / "nvcc"
     if not nvcc.exists():
-        return f"{nvcc} does not exist"
-    return None
+        if set_by_user:
+            raise CudaBuildError(f"{nvcc} does not exist: set CUDA_HOME to a CUDA {torch.version.cuda} toolkit "
+                                 "(the folder with bin/nvcc), " + NO_CUDA_HINT)
+        return CudaPlan(f"no nvcc ({nvcc} does not exist); for the CUDA kernels set CUDA_HOME", [], "")
+    version = nvcc_version(nvcc)
+    check_cuda_toolkit(home, version, torch.version.cuda)
+    user_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    archs = cuda_arch_list(version, torch.cuda.device_count(), user_list)
+    if archs is None:
+        where = f"TORCH_CUDA_ARCH_LIST={user_list}" if user_list and user_list.strip() != "native" else "the visible GPUs"
+        return CudaPlan(None, list(NVCC_FLAGS), f"the architectures of {where}")
+    named = ", ".join("sm_" + a.replace(".", "").replace("+PTX", " (and PTX)") for a in archs)
+    return CudaPlan(None, [*NVCC_FLAGS, *gencode_flags(archs)],
+                    f"{named}, as no GPU is visible (TORCH_CUDA_ARCH_LIST chooses others)")
 
 
 def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) -> list[str]:

@@ -77,14 +77,15 @@ def cache_dir(with_cuda: bool) -> Path:
 
 
 def _build_just_in_time() -> ModuleType:
-    from torch.utils.cpp_extension import load as load_extension
-
     from fused_ls import _native_build as build
 
     if build.cxx_compiler() is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH)")
+    cuda = build.cuda_build_plan()  # first: it may set CUDA_HOME, which cpp_extension reads on import
+    from torch.utils.cpp_extension import load as load_extension
+
     csrc = build.csrc_dir()
-    with_cuda = build.cuda_build_reason() is None
+    with_cuda = cuda.why_not is None
     sources = [csrc / name for name in build.CPU_SOURCES]
     if with_cuda:
         sources += [csrc / name for name in build.CUDA_SOURCES]
@@ -94,8 +95,8 @@ def _build_just_in_time() -> ModuleType:
     stamp = directory / "sources.sha256"
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.rglob("*")) if p.is_file())).hexdigest()
     if not (stamp.exists() and stamp.read_text() == digest):
-        what = "C++ and CUDA" if with_cuda else "C++"
-        print(f"fused_ls: fused_ls._C is not installed; building its {what} kernels just in time into {directory} "
+        what = f"C++ and CUDA kernels (CUDA for {cuda.archs})" if with_cuda else f"C++ kernels (no CUDA: {cuda.why_not})"
+        print(f"fused_ls: fused_ls._C is not installed; building its {what} just in time into {directory} "
               "(once, about a minute)", file=sys.stderr, flush=True)
     objects = build.compile_cpu_kernels(directory / "cpu_kernels")
     cflags = [*build.CXX_FLAGS, *build.isa_defines(build.kernel_isas())]
@@ -105,7 +106,7 @@ def _build_just_in_time() -> ModuleType:
         name=JIT_NAME,
         sources=[str(p) for p in sources],
         extra_cflags=cflags,
-        extra_cuda_cflags=list(build.NVCC_FLAGS),
+        extra_cuda_cflags=cuda.nvcc_flags,
         extra_ldflags=objects,
         build_directory=str(directory),
         with_cuda=with_cuda,
