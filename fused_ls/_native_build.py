@@ -257,9 +257,10 @@ def cuda_build_plan() -> CudaPlan:
     if archs is None:
         where = f"TORCH_CUDA_ARCH_LIST={user_list}" if user_list and user_list.strip() != "native" else "the visible GPUs"
         return CudaPlan(None, list(NVCC_FLAGS), f"the architectures of {where}")
-    named = ", ".join("sm_" + a.replace(".", "").replace("+PTX", " (and PTX)") for a in archs)
+    names = ["sm_" + arch.split("+")[0].replace(".", "") for arch in archs]
+    named = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
     return CudaPlan(None, [*NVCC_FLAGS, *gencode_flags(archs)],
-                    f"{named}, as no GPU is visible (TORCH_CUDA_ARCH_LIST chooses others)")
+                    f"{named} with PTX for later GPUs, as no GPU is visible; TORCH_CUDA_ARCH_LIST chooses others")
 
 
 def compile_cpu_kernels(build_dir: str | os.PathLike, *, verbose: bool = False) -> list[str]:

@@ -41,6 +41,14 @@ def _fake_toolkit(root: Path, release: str = "13.0", headers: bool = True) -> Pa
     return home
 
 
+def _unset(monkeypatch, *names: str) -> None:
+    """Unset environment variables, restored (or unset again) after the test even when the code
+    under test sets them: monkeypatch.delenv alone forgets a variable that was not set."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def _bin_with(root: Path, nvcc_target: Path, *, wrapper: bool = False) -> Path:
     """A folder like /usr/local/bin with an nvcc that is a link to (or a script that runs) nvcc_target."""
     local_bin = root / "local" / "bin"
@@ -52,6 +60,16 @@ def _bin_with(root: Path, nvcc_target: Path, *, wrapper: bool = False) -> Path:
     else:
         nvcc.symlink_to(nvcc_target)
     return local_bin
+
+
+@pytest.fixture(autouse=True)
+def _environment_unchanged():
+    def environment():
+        return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+    before = environment()
+    yield
+    assert environment() == before, "a test of the CUDA build left the environment changed"
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -136,8 +154,7 @@ def test_prepare_cuda_home_sets_the_environment_and_an_imported_cpp_extension(tm
     home = _fake_toolkit(tmp_path)
     local_bin = _bin_with(tmp_path, home / "bin" / "nvcc")
     monkeypatch.setenv("PATH", str(local_bin))
-    monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.delenv("CUDA_PATH", raising=False)
+    _unset(monkeypatch, "CUDA_HOME", "CUDA_PATH")
     imported = types.SimpleNamespace(CUDA_HOME=str(local_bin.parent))  # what torch guessed on import
     monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", imported)
     assert build.prepare_cuda_home() == os.path.realpath(home)
@@ -172,8 +189,7 @@ def cuda_torch(monkeypatch):
     cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    for var in ("FUSED_LS_NO_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH"):
-        monkeypatch.delenv(var, raising=False)
+    _unset(monkeypatch, "FUSED_LS_NO_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH")
     monkeypatch.setenv("PATH", os.defpath)  # whatever nvcc this machine has stays out of it
     return cpp_extension
 
@@ -184,7 +200,7 @@ def test_plan_for_a_cuda_torch_without_a_gpu(tmp_path, monkeypatch, cuda_torch):
     plan = build.cuda_build_plan()
     assert plan.why_not is None
     assert plan.nvcc_flags == [*build.NVCC_FLAGS, *build.gencode_flags(["8.0", "9.0", "10.0+PTX"])]
-    assert "sm_80, sm_90, sm_100" in plan.archs
+    assert plan.archs.startswith("sm_80, sm_90 and sm_100 with PTX")
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     plan = build.cuda_build_plan()
