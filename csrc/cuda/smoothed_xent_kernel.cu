@@ -3,32 +3,69 @@
 //
 // Layout of the work
 // ------------------
-// One thread block per row, reading the row with 16-byte vector loads (4 fp32, 8 bf16/fp16,
-// 2 fp64) when the rows are 16-byte aligned, else element by element.
-//   Pass 1: each thread keeps an online (max, sum of exp) pair over its elements, plus
-//           sum_{c != t} w_c (y_c - ref) with ref the target's y, else the row's first y, if
-//           finite (else 0), so that a constant added to every logit cancels before anything
-//           large is summed (the target's own term is added once, with its whole mass); then a
-//           warp-shuffle and shared-memory reduction gives the row's m, s and smoothing sum,
-//           and thread 0 writes the loss and lse and reads the row's grad_scale (one value
-//           for every row, or one per row).
-//   Pass 2: the row is read again (from L2 for all but the longest rows), and every
-//           gradient element is computed in fp32 (fp64 for fp64), the true class's
-//           p_t - k_t included, then rounded once and stored with 16-byte stores.
+// One thread block per row, reading and writing it in 16-byte vectors (4 fp32, 8 bf16/fp16,
+// 2 fp64) whatever V, the row's start and the row stride: V = 50257, an offset view
+// (logits[:, 1:]) or a stride that moves the alignment from row to row lose nothing but a few
+// elements at each row's edges. Each row is taken on its own alignment.
+//   Pass 1: thread i takes the groups of 16/b columns i, i + blockDim.x, ... (b bytes per
+//           logit), then one of the last V mod (16/b) columns. A group is one aligned 16-byte
+//           load when the row is 16-byte aligned, else the two aligned vectors that hold it
+//           (the second mostly an L1 hit, its neighbour's first) shifted into place; only the
+//           row's first and last groups may be read element by element. So the columns meet
+//           the same thread in the same order for any alignment: the loss and lse of a row
+//           have the same bits at any offset and stride. Each thread keeps an online (max, sum
+//           of exp) pair, plus sum_{c != t} w_c (y_c - ref) with ref the target's y, else the
+//           row's first y, if finite (else 0), so that a constant added to every logit cancels
+//           before anything large is summed (the target's own term is added once, with its
+//           whole mass); then a warp-shuffle and shared-memory reduction gives the row's m, s
+//           and smoothing sum, and thread 0 writes the loss and lse and reads the row's
+//           grad_scale (one value for every row, or one per row).
+//   Pass 2: the row is read again (from L2 for all but the longest rows), cut at its own
+//           16-byte boundaries: a head and a tail of fewer than 16/b elements each, element by
+//           element, and a body of aligned 16-byte loads. Every gradient element is computed in
+//           fp32 (fp64 for fp64), the true class's p_t - k_t included, then rounded once. The
+//           body's stores are 16 bytes when the gradient row lies a multiple of 16 bytes from
+//           the logits row (always in place; a new gradient of a contiguous input at any V),
+//           else as wide as that distance allows (8, 4 or 2 bytes). Element by element, the
+//           order of pass 2 changes no bit.
+// A row without a gradient (its target is ignore_index or outside [0, V)) needs only its lse:
+// pass 1 keeps only the (max, sum of exp) pair (the same sums as with a target), reads neither
+// x[t] nor x[0] nor any class weight, and pass 2 writes zeros in 16-byte stores cut at the
+// gradient row's own boundaries, reading nothing.
 // When few rows are long (rows < 2 x SMs and V >= 32k), a row is split over up to 64 blocks:
 // a first kernel writes each block's partial (max, sum, smoothing sum) to a workspace, a
-// second combines the row's partials and writes the gradient of its slice. In place, a block
-// of the second kernel reads nothing of the row outside its own slice.
+// second combines the row's partials and writes the gradient of its slice. Each slice is cut
+// as a row is; in place, a block of the second kernel reads and writes nothing of the row
+// outside its own slice (pass 1 may read a group's aligned vector across a slice boundary:
+// the first kernel writes no logit).
 //
-// Memory traffic per row (b = bytes per logit): read 2*V*b, write V*b (+ 4V for weights,
-// cached across rows); the split path adds 12 bytes per block to the workspace. The loss-only
-// op (grad == nullptr) stops after pass 1: read V*b, write 8 bytes.
+// Memory traffic per element of a row (b bytes per logit: 2 bf16/fp16, 4 fp32, 8 fp64)
+// -------------------------------------------------------------------------------
+//   path                           DRAM read            DRAM write           bf16    fp32
+//   row with a gradient            2b (pass 2 from L2   b                    4 + 2   8 + 4
+//                                  for all but the longest rows)
+//   ignored or out-of-range row    b (pass 1, the lse)  b (zeros, not read)  2 + 2   4 + 4
+//   loss-only op (grad nullptr)    b                    nothing of size V    2 + 0   4 + 0
+//   class weights                  + 4 (8 fp64) per pass of a row with a gradient, read from L2
+//                                  after the first row; none for a row without one
+// Accesses: 16-byte vectors, but for a few elements per row taken one at a time: in pass 1 the
+// first and last groups (a row that is not 16-byte aligned) and the last V mod 16/b columns,
+// in pass 2 a head and a tail of fewer than 16/b each (per slice); and x[t] (x[0] too if y_t
+// is not finite), read by every thread of a row with a gradient (one broadcast). Pass 1 of a
+// row that is not 16-byte aligned makes two 16-byte loads per 16 bytes of logits: the same
+// DRAM and L2 traffic, twice the loads from L1.
+// Per row besides: the target (8 bytes), grad_scale (4, 8 fp64) for a row with a gradient,
+// the loss and lse written (4 + 4, 8 + 8 fp64). The split path of B blocks per row adds B
+// partials written (12 bytes each, 24 fp64), read back by each of the row's B blocks (by block
+// 0 only for a row without a gradient), and the row's inputs (8, 16 fp64): all in L2. Nothing
+// of size V is allocated in place; otherwise the gradient is the only buffer of size V.
 //
 // Ignored rows: loss 0, gradient 0. A target outside [0, V) is never dereferenced: loss NaN,
 // gradient 0, and no host synchronisation is needed to report it.
 #include "smoothed_xent_cuda.h"
 
 #include <math.h>
+#include <string.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,12 +77,20 @@
 #define FUSED_LS_CUDA_LAUNCH(kernel, blocks, threads, stream, ...) kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
 #endif
 
+// Every load and store of a row's logits or gradient goes through load_*/store_* below, which
+// call this with the address and width: nothing on a GPU; the host emulation
+// (tests/cuda_host_emulation.cpp) counts the accesses by width and checks their alignment.
+#ifndef FUSED_LS_ROW_ACCESS
+#define FUSED_LS_ROW_ACCESS(is_store, ptr, bytes) ((void)0)
+#endif
+
 namespace fused_ls::cuda {
 namespace {
 
 constexpr int kMaxThreads = 512;
 constexpr int kMaxBlocksPerRow = 64;
 constexpr int64_t kMinColumnsPerBlock = 16384;
+constexpr int kVectorBytes = 16;
 
 // The logits' dtype <-> its accumulator.
 template <typename scalar_t>
@@ -84,11 +129,64 @@ __device__ inline double tanh_(double x) { return tanh(x); }
 __device__ inline float max_(float a, float b) { return fmaxf(a, b); }
 __device__ inline double max_(double a, double b) { return fmax(a, b); }
 
-// kVec consecutive logits: one 16-byte load or store when kVec * sizeof(scalar_t) == 16.
+// kVec consecutive logits: one access of kVec * sizeof(scalar_t) bytes (16 for a whole vector).
 template <typename scalar_t, int kVec>
 struct alignas(sizeof(scalar_t) * kVec) Pack {
   scalar_t v[kVec];
 };
+
+template <int kVec, typename scalar_t>
+__device__ inline Pack<scalar_t, kVec> load_pack(const scalar_t* ptr) {
+  FUSED_LS_ROW_ACCESS(false, ptr, sizeof(Pack<scalar_t, kVec>));
+  return *reinterpret_cast<const Pack<scalar_t, kVec>*>(ptr);
+}
+
+template <int kVec, typename scalar_t>
+__device__ inline void store_pack(scalar_t* ptr, const Pack<scalar_t, kVec>& pack) {
+  FUSED_LS_ROW_ACCESS(true, ptr, sizeof(Pack<scalar_t, kVec>));
+  *reinterpret_cast<Pack<scalar_t, kVec>*>(ptr) = pack;
+}
+
+template <typename scalar_t>
+__device__ inline scalar_t load_one(const scalar_t* ptr) {
+  FUSED_LS_ROW_ACCESS(false, ptr, sizeof(scalar_t));
+  return *ptr;
+}
+
+template <typename scalar_t>
+__device__ inline void store_one(scalar_t* ptr, scalar_t value) {
+  FUSED_LS_ROW_ACCESS(true, ptr, sizeof(scalar_t));
+  *ptr = value;
+}
+
+// Columns [c0, c1) of the row at `row`, cut at `row`'s 16-byte boundaries: a head [c0, begin)
+// and a tail [end, c1), each of fewer than kVec elements, taken element by element, and whole
+// 16-byte aligned vectors [begin, end). A row not even aligned to its element (no tensor's)
+// is all head.
+struct Span {
+  int64_t begin, end;
+};
+
+template <typename scalar_t, int kVec>
+__device__ Span vector_span(const scalar_t* row, int64_t c0, int64_t c1) {
+  if (c1 <= c0) return {c0, c0};
+  const uintptr_t address = reinterpret_cast<uintptr_t>(row + c0);
+  const int64_t head = address % sizeof(scalar_t) != 0
+                           ? c1 - c0
+                           : int64_t((kVectorBytes - address % kVectorBytes) % kVectorBytes / sizeof(scalar_t));
+  const int64_t begin = head < c1 - c0 ? c0 + head : c1;
+  return {begin, begin + (c1 - begin) / kVec * kVec};
+}
+
+// The i-th of a span's edge columns: the head's, then the tail's.
+__device__ inline int64_t edge_column(int64_t i, int64_t c0, const Span& s) {
+  const int64_t head = s.begin - c0;
+  return i < head ? c0 + i : s.end + (i - head);
+}
+
+__device__ inline int64_t edge_count(int64_t c0, int64_t c1, const Span& s) {
+  return c1 <= c0 ? 0 : (s.begin - c0) + (c1 - s.end);
+}
 
 // Everything a kernel needs, by value in its parameter space.
 template <typename acc_t>
@@ -111,7 +209,7 @@ struct Params {
 };
 
 // A block's summary of its columns: the online max and sum of exp(y - max), and
-// sum_{c != t} w_c (y_c - ref) (t: the target if it has a gradient, else none).
+// sum_{c != t} w_c (y_c - ref) (t: the target; 0 for a row without a gradient).
 template <typename acc_t>
 struct Partial {
   acc_t max, sum_exp, sum_wd;
@@ -132,7 +230,6 @@ struct RowConstants {
   acc_t p_coef, k_s, true_mass;       // 0 for a row without a gradient
   acc_t grad_scale;                   // the row's; 0 for a row without a gradient
   int64_t target;
-  bool has_grad;
 };
 
 template <typename acc_t>
@@ -185,8 +282,9 @@ __device__ Partial<acc_t> block_reduce(Partial<acc_t> v) {
 }
 
 // Adds kCount values of y at columns [c, c + kCount) to a thread's partial; column `skip`
-// (the target, or -1) is left out of sum_wd.
-template <int kCount, typename acc_t>
+// (the target) is left out of sum_wd. Without kDeviations (a row without a gradient, whose
+// loss is 0 or NaN whatever sum_wd is) only the (max, sum of exp) pair, and no weight is read.
+template <bool kDeviations, int kCount, typename acc_t>
 __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64_t c, acc_t ref, int64_t skip,
                            const Params<acc_t>& p) {
   // fp64: sum_wd before the exps, not interleaved with them. Each fp64 exp keeps its
@@ -196,7 +294,7 @@ __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64
   // sum_wd and sum_exp are separate accumulators. fp32 keeps the interleaved order (reordered,
   // one fp32 kernel gained a register on sm_80).
   constexpr bool kDeviationsFirst = sizeof(acc_t) == 8;
-  if constexpr (kDeviationsFirst) {
+  if constexpr (kDeviations && kDeviationsFirst) {
 #pragma unroll
     for (int j = 0; j < kCount; ++j) {
       const acc_t w = p.weight != nullptr ? p.weight[c + j] : acc_t(1);
@@ -215,7 +313,7 @@ __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64
 #pragma unroll
   for (int j = 0; j < kCount; ++j) {
     part.sum_exp += exp_(y[j] - base);
-    if constexpr (!kDeviationsFirst) {
+    if constexpr (kDeviations && !kDeviationsFirst) {
       const acc_t w = p.weight != nullptr ? p.weight[c + j] : acc_t(1);
       // A class of weight 0 adds exactly 0, even at y = -inf (0 * -inf would be NaN).
       part.sum_wd += w != acc_t(0) && c + j != skip ? w * (y[j] - ref) : acc_t(0);
@@ -223,48 +321,97 @@ __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64
   }
 }
 
-// Pass 1 over columns [c0, c1) of the row at x; c0 is a multiple of kVec.
-template <typename scalar_t, int kVec, typename acc_t>
+// The kVec logits at columns [c, c + kVec) of the row at x (c a multiple of kVec), whatever
+// the row's alignment `offset` (x's address modulo 16, the same at every such c): one 16-byte
+// load when it is 0; else the two aligned 16-byte vectors that hold them (the second mostly an
+// L1 hit: the neighbouring thread loads it too), shifted into place, when both lie inside the
+// row's V columns; else (at most the row's first and last groups) element by element. So every
+// thread sees the same columns in the same order for any layout of the same V, and pass 1's
+// sums, hence the loss and lse, have the same bits for a row at any offset or stride.
+template <typename scalar_t, int kVec>
+__device__ Pack<scalar_t, kVec> load_columns(const scalar_t* x, int64_t c, unsigned offset, int64_t num_columns) {
+  if (offset == 0) return load_pack<kVec>(x + c);
+  Pack<scalar_t, kVec> out;
+  const int64_t lo = c - int64_t(offset / sizeof(scalar_t));  // the column the first aligned vector starts at
+  if (offset % sizeof(scalar_t) == 0 && lo >= 0 && lo + 2 * kVec <= num_columns) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(x + lo);
+    const Pack<uint32_t, 4> a = load_pack<4>(words), b = load_pack<4>(words + 4);
+    // The 16 bytes at `offset` of the 32 loaded, by a barrel shift of 8, 4 and 2 bytes.
+    uint32_t w[8] = {a.v[0], a.v[1], a.v[2], a.v[3], b.v[0], b.v[1], b.v[2], b.v[3]};
+#pragma unroll
+    for (int i = 0; i < 6; ++i) w[i] = offset & 8 ? w[i + 2] : w[i];
+#pragma unroll
+    for (int i = 0; i < 5; ++i) w[i] = offset & 4 ? w[i + 1] : w[i];
+    uint32_t shifted[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // Little-endian: the later bytes are the high ones. 2-byte logits may start mid-word.
+      shifted[i] = sizeof(scalar_t) == 2 ? uint32_t(((uint64_t(w[i + 1]) << 32) | w[i]) >> (offset & 2) * 8) : w[i];
+    }
+    memcpy(&out, shifted, sizeof(out));
+    return out;
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out.v[j] = load_one(x + c + j);
+  return out;
+}
+
+// Pass 1 over columns [c0, c1) of the row at x, c0 a multiple of kVec: thread i takes the
+// groups of kVec columns i, i + blockDim.x, ... counted from c0, then column i of the last
+// V mod kVec (fewer than kVec: the row's own tail, in the last slice).
+template <bool kDeviations, typename scalar_t, int kVec, typename acc_t>
 __device__ Partial<acc_t> block_partial(const scalar_t* x, int64_t c0, int64_t c1, acc_t ref, int64_t skip,
                                         const Params<acc_t>& p) {
   Partial<acc_t> part{-INFINITY, acc_t(0), acc_t(0)};
-  const int64_t vec_end = c0 + (c1 - c0) / kVec * kVec;
+  const unsigned offset = unsigned(reinterpret_cast<uintptr_t>(x) % kVectorBytes);
+  const int64_t vec_end = c1 > c0 ? c0 + (c1 - c0) / kVec * kVec : c0;
   for (int64_t c = c0 + int64_t(threadIdx.x) * kVec; c < vec_end; c += int64_t(blockDim.x) * kVec) {
-    const Pack<scalar_t, kVec> pack = *reinterpret_cast<const Pack<scalar_t, kVec>*>(x + c);
+    const Pack<scalar_t, kVec> pack = load_columns<scalar_t, kVec>(x, c, offset, p.num_classes);
     acc_t y[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) y[j] = transform(Io<scalar_t>::to_acc(pack.v[j]), p);
-    accumulate<kVec>(part, y, c, ref, skip, p);
+    accumulate<kDeviations, kVec>(part, y, c, ref, skip, p);
   }
   for (int64_t c = vec_end + threadIdx.x; c < c1; c += blockDim.x) {
-    const acc_t y[1] = {transform(Io<scalar_t>::to_acc(x[c]), p)};
-    accumulate<1>(part, y, c, ref, skip, p);
+    const acc_t y[1] = {transform(Io<scalar_t>::to_acc(load_one(x + c)), p)};
+    accumulate<kDeviations, 1>(part, y, c, ref, skip, p);
   }
   return block_reduce(part);
 }
 
+// A row's target, and whether the row has a gradient: neither ignored nor out of range.
+struct RowTarget {
+  int64_t t;
+  bool has_grad;
+};
+
 template <typename acc_t>
-__device__ bool target_has_grad(int64_t t, const Params<acc_t>& p) {
-  return t != p.ignore_index && 0 <= t && t < p.num_classes;
+__device__ RowTarget row_target(int64_t row, const Params<acc_t>& p) {
+  const int64_t t = p.target[row];
+  return {t, t != p.ignore_index && 0 <= t && t < p.num_classes};
 }
 
-// The column pass 1 leaves out of sum_wd: the row's target, or -1 when it has no gradient.
-template <typename acc_t>
-__device__ int64_t skipped_column(int64_t row, const Params<acc_t>& p) {
-  const int64_t t = p.target[row];
-  return target_has_grad(t, p) ? t : int64_t(-1);
+// Pass 1 of the columns [c0, c1): with the smoothing sum for a row with a gradient, without it
+// (the lse only) otherwise.
+template <typename scalar_t, int kVec, typename acc_t>
+__device__ Partial<acc_t> row_partial(const scalar_t* x, int64_t c0, int64_t c1, const RowTarget& rt,
+                                      const RowInputs<acc_t>& in, const Params<acc_t>& p) {
+  if (rt.has_grad) return block_partial<true, scalar_t, kVec>(x, c0, c1, in.ref, rt.t, p);
+  return block_partial<false, scalar_t, kVec>(x, c0, c1, acc_t(0), int64_t(-1), p);
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ RowInputs<acc_t> row_inputs(const scalar_t* x, int64_t row, const Params<acc_t>& p) {
-  RowInputs<acc_t> in;
-  const int64_t t = p.target[row];
-  const bool has_grad = target_has_grad(t, p);
+__device__ RowInputs<acc_t> row_inputs(const scalar_t* x, const RowTarget& rt, const Params<acc_t>& p) {
+  RowInputs<acc_t> in{acc_t(0), acc_t(0)};
+  if (!rt.has_grad) return in;  // loss 0 or NaN: neither is needed
   // The only read at the target's index, and only inside the row.
-  in.y_t = has_grad ? transform(Io<scalar_t>::to_acc(x[t]), p) : acc_t(0);
-  // Any finite y of the row will do; the target's is rarely masked, the first class may be.
-  const acc_t y0 = transform(Io<scalar_t>::to_acc(x[0]), p);
-  in.ref = has_grad && isfinite(in.y_t) ? in.y_t : isfinite(y0) ? y0 : acc_t(0);
+  in.y_t = transform(Io<scalar_t>::to_acc(load_one(x + rt.t)), p);
+  if (isfinite(in.y_t)) {
+    in.ref = in.y_t;
+  } else {  // any finite y of the row will do; the target's is rarely masked, the first class may be
+    const acc_t y0 = transform(Io<scalar_t>::to_acc(load_one(x)), p);
+    in.ref = isfinite(y0) ? y0 : acc_t(0);
+  }
   return in;
 }
 
@@ -273,10 +420,11 @@ __device__ RowInputs<acc_t> row_inputs(const scalar_t* x, int64_t row, const Par
 template <typename acc_t>
 __device__ RowConstants<acc_t> finish_row(const Params<acc_t>& p, int64_t row, const Partial<acc_t>& part,
                                           const RowInputs<acc_t>& in, bool write_row_outputs) {
-  const int64_t t = p.target[row];
+  const RowTarget rt = row_target(row, p);
+  const int64_t t = rt.t;
   const bool ignored = t == p.ignore_index;
   const bool in_range = 0 <= t && t < p.num_classes;
-  const bool has_grad = target_has_grad(t, p);
+  const bool has_grad = rt.has_grad;
   const acc_t m = part.max;
   const acc_t log_s = log_(part.sum_exp);
   const acc_t lse = m + log_s;
@@ -299,7 +447,6 @@ __device__ RowConstants<acc_t> finish_row(const Params<acc_t>& p, int64_t row, c
   RowConstants<acc_t> k;
   k.max = m;
   k.log_s = log_s;
-  k.has_grad = has_grad;
   k.target = t;
   k.p_coef = has_grad ? total_mass + 2 * p.z_loss * lse : acc_t(0);
   k.k_s = has_grad ? p.k_s : acc_t(0);
@@ -309,9 +456,9 @@ __device__ RowConstants<acc_t> finish_row(const Params<acc_t>& p, int64_t row, c
   return k;
 }
 
+// The gradient of class c of a row that has one.
 template <typename acc_t>
 __device__ acc_t gradient(acc_t y, int64_t c, const RowConstants<acc_t>& k, const Params<acc_t>& p) {
-  if (!k.has_grad) return acc_t(0);
   const acc_t w = p.weight != nullptr ? p.weight[c] : acc_t(1);
   // y - max is exact for nearby values, unlike y - lse with lse rounded at the logits' scale
   // (a relative error of 5e-4 in p at logits around 1e4 in fp32).
@@ -324,25 +471,74 @@ __device__ acc_t gradient(acc_t y, int64_t c, const RowConstants<acc_t>& k, cons
   return g * (k.grad_scale * dydx);
 }
 
-// Pass 2 over columns [c0, c1): each thread reads, then writes, its own elements, so `g`
-// may be `x` (in place).
-template <typename scalar_t, int kVec, typename acc_t>
-__device__ void block_gradient(const scalar_t* x, scalar_t* g, int64_t c0, int64_t c1, const RowConstants<acc_t>& k,
-                               const Params<acc_t>& p) {
-  const int64_t vec_end = c0 + (c1 - c0) / kVec * kVec;
-  for (int64_t c = c0 + int64_t(threadIdx.x) * kVec; c < vec_end; c += int64_t(blockDim.x) * kVec) {
-    const Pack<scalar_t, kVec> in = *reinterpret_cast<const Pack<scalar_t, kVec>*>(x + c);
+// Pass 2's body: 16-byte loads of x at [s.begin, s.end), the gradient stored kStore elements
+// at a time (kStore * sizeof(scalar_t) bytes: the widest access g's alignment allows there).
+template <int kStore, typename scalar_t, int kVec, typename acc_t>
+__device__ void gradient_body(const scalar_t* x, scalar_t* g, const Span& s, const RowConstants<acc_t>& k,
+                              const Params<acc_t>& p) {
+  for (int64_t c = s.begin + int64_t(threadIdx.x) * kVec; c < s.end; c += int64_t(blockDim.x) * kVec) {
+    const Pack<scalar_t, kVec> in = load_pack<kVec>(x + c);
     Pack<scalar_t, kVec> out;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t y = transform(Io<scalar_t>::to_acc(in.v[j]), p);
       out.v[j] = Io<scalar_t>::from_acc(gradient(y, c + j, k, p));
     }
-    *reinterpret_cast<Pack<scalar_t, kVec>*>(g + c) = out;
+#pragma unroll
+    for (int j = 0; j < kVec; j += kStore) {
+      Pack<scalar_t, kStore> part;
+#pragma unroll
+      for (int i = 0; i < kStore; ++i) part.v[i] = out.v[j + i];
+      store_pack<kStore>(g + c + j, part);
+    }
   }
-  for (int64_t c = vec_end + threadIdx.x; c < c1; c += blockDim.x) {
-    const acc_t y = transform(Io<scalar_t>::to_acc(x[c]), p);
-    g[c] = Io<scalar_t>::from_acc(gradient(y, c, k, p));
+}
+
+// The body with the widest stores that g's distance to x allows (both aligned to their element).
+template <int kStore, typename scalar_t, int kVec, typename acc_t>
+__device__ void gradient_body_for(unsigned store_bytes, const scalar_t* x, scalar_t* g, const Span& s,
+                                  const RowConstants<acc_t>& k, const Params<acc_t>& p) {
+  if constexpr (kStore > 1) {
+    if (store_bytes < kStore * sizeof(scalar_t)) {
+      gradient_body_for<kStore / 2, scalar_t, kVec>(store_bytes, x, g, s, k, p);
+      return;
+    }
+  }
+  gradient_body<kStore, scalar_t, kVec>(x, g, s, k, p);
+}
+
+// Pass 2 over columns [c0, c1) of a row with a gradient: each thread reads, then writes, its
+// own elements, so `g` may be `x` (in place). Cut at x's 16-byte boundaries, as pass 1.
+template <typename scalar_t, int kVec, typename acc_t>
+__device__ void block_gradient(const scalar_t* x, scalar_t* g, int64_t c0, int64_t c1, const RowConstants<acc_t>& k,
+                               const Params<acc_t>& p) {
+  const Span s = vector_span<scalar_t, kVec>(x, c0, c1);
+  const int64_t edges = edge_count(c0, c1, s);
+  for (int64_t i = threadIdx.x; i < edges; i += blockDim.x) {
+    const int64_t c = edge_column(i, c0, s);
+    const acc_t y = transform(Io<scalar_t>::to_acc(load_one(x + c)), p);
+    store_one(g + c, Io<scalar_t>::from_acc(gradient(y, c, k, p)));
+  }
+  // g - x modulo 16 bytes: 0 in place and for rows of the same alignment (16-byte stores),
+  // else its lowest set bit is the widest store aligned wherever a load of x is.
+  const unsigned distance = unsigned(reinterpret_cast<uintptr_t>(g) - reinterpret_cast<uintptr_t>(x)) % kVectorBytes;
+  const unsigned store_bytes = distance == 0 ? kVectorBytes : distance & (0u - distance);
+  gradient_body_for<kVec, scalar_t, kVec>(store_bytes, x, g, s, k, p);
+}
+
+// Pass 2 of a row without a gradient: zeros over columns [c0, c1), cut at g's own 16-byte
+// boundaries, and nothing read.
+template <typename scalar_t, int kVec>
+__device__ void block_zeros(scalar_t* g, int64_t c0, int64_t c1) {
+  const scalar_t zero = Io<scalar_t>::from_acc(typename Io<scalar_t>::acc_t(0));
+  const Span s = vector_span<scalar_t, kVec>(g, c0, c1);
+  const int64_t edges = edge_count(c0, c1, s);
+  for (int64_t i = threadIdx.x; i < edges; i += blockDim.x) store_one(g + edge_column(i, c0, s), zero);
+  Pack<scalar_t, kVec> zeros;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) zeros.v[j] = zero;
+  for (int64_t c = s.begin + int64_t(threadIdx.x) * kVec; c < s.end; c += int64_t(blockDim.x) * kVec) {
+    store_pack<kVec>(g + c, zeros);
   }
 }
 
@@ -351,14 +547,30 @@ template <typename scalar_t, int kVec, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_rows_kernel(const Params<acc_t> p) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
-  const RowInputs<acc_t> in = row_inputs(x, row, p);
-  const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, 0, p.num_classes, in.ref, skipped_column(row, p), p);
+  const RowTarget rt = row_target(row, p);
+  const RowInputs<acc_t> in = row_inputs(x, rt, p);
+  const Partial<acc_t> part = row_partial<scalar_t, kVec>(x, 0, p.num_classes, rt, in, p);
   __shared__ RowConstants<acc_t> constants;
   if (threadIdx.x == 0) constants = finish_row(p, row, part, in, true);
   if (p.grad == nullptr) return;  // the loss-only op: thread 0 has written the loss and lse
   __syncthreads();  // every read of the row is done: pass 2 may overwrite it
   scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
-  block_gradient<scalar_t, kVec>(x, g, 0, p.num_classes, constants, p);
+  if (rt.has_grad) {
+    block_gradient<scalar_t, kVec>(x, g, 0, p.num_classes, constants, p);
+  } else {
+    block_zeros<scalar_t, kVec>(g, 0, p.num_classes);
+  }
+}
+
+// The columns [c0, c1) of a block of a split row (empty past the row's end).
+struct Slice {
+  int64_t c0, c1;
+};
+
+template <typename acc_t>
+__device__ Slice split_slice(int split, const Params<acc_t>& p) {
+  const int64_t c0 = split * p.columns_per_block;
+  return {c0, c0 + p.columns_per_block < p.num_classes ? c0 + p.columns_per_block : p.num_classes};
 }
 
 // Split rows, first kernel: each block's partial, and the row's inputs, into the workspace.
@@ -368,11 +580,11 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_partials_kernel(con
                                                                              RowInputs<acc_t>* inputs) {
   const int64_t row = blockIdx.x / p.blocks_per_row;
   const int split = blockIdx.x % p.blocks_per_row;
-  const int64_t c0 = split * p.columns_per_block;
-  const int64_t c1 = c0 + p.columns_per_block < p.num_classes ? c0 + p.columns_per_block : p.num_classes;
+  const Slice slice = split_slice(split, p);
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
-  const RowInputs<acc_t> in = row_inputs(x, row, p);
-  const Partial<acc_t> part = block_partial<scalar_t, kVec>(x, c0, c1, in.ref, skipped_column(row, p), p);
+  const RowTarget rt = row_target(row, p);
+  const RowInputs<acc_t> in = row_inputs(x, rt, p);
+  const Partial<acc_t> part = row_partial<scalar_t, kVec>(x, slice.c0, slice.c1, rt, in, p);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = part;
     if (split == 0) inputs[row] = in;
@@ -388,20 +600,25 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_split_gradient_kern
   const int split = blockIdx.x % p.blocks_per_row;
   // The loss-only op needs one block per row here, to write the loss and lse.
   if (p.grad == nullptr && split != 0) return;
-  const int64_t c0 = split * p.columns_per_block;
-  const int64_t c1 = c0 + p.columns_per_block < p.num_classes ? c0 + p.columns_per_block : p.num_classes;
+  const Slice slice = split_slice(split, p);
+  const RowTarget rt = row_target(row, p);
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
   __shared__ RowConstants<acc_t> constants;
-  if (threadIdx.x == 0) {
+  // A row without a gradient needs its partials combined once, for the lse (block 0).
+  if (threadIdx.x == 0 && (rt.has_grad || split == 0)) {
     Partial<acc_t> part = partials[row * p.blocks_per_row];
     for (int b = 1; b < p.blocks_per_row; ++b) part = combine(part, partials[row * p.blocks_per_row + b]);
     constants = finish_row(p, row, part, inputs[row], split == 0);
   }
-  if (p.grad == nullptr) return;
-  __syncthreads();
+  if (p.grad == nullptr || slice.c1 <= slice.c0) return;
   scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
+  if (!rt.has_grad) {
+    block_zeros<scalar_t, kVec>(g, slice.c0, slice.c1);
+    return;
+  }
+  __syncthreads();
   // Only this block's slice of the row is read here: the others may be writing theirs.
-  if (c0 < c1) block_gradient<scalar_t, kVec>(x, g, c0, c1, constants, p);
+  block_gradient<scalar_t, kVec>(x, g, slice.c0, slice.c1, constants, p);
 }
 
 int threads_for(int64_t columns, int vec) {
@@ -429,12 +646,10 @@ cudaError_t launch(const Params<acc_t>& p, int64_t num_rows, void* workspace, cu
   return cudaGetLastError();
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 template <typename scalar_t>
 cudaError_t launch_for_dtype(const RowsProblem& problem, int blocks_per_row, void* workspace, cudaStream_t stream) {
   using acc_t = typename Io<scalar_t>::acc_t;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
   Params<acc_t> p;
   p.logits = problem.logits;
   p.grad = problem.grad;
@@ -456,16 +671,11 @@ cudaError_t launch_for_dtype(const RowsProblem& problem, int blocks_per_row, voi
   p.softcap = static_cast<acc_t>(p.has_softcap ? problem.softcap : 1.0);
   p.logit_scale = static_cast<acc_t>(problem.logit_scale);
   p.blocks_per_row = blocks_per_row;
-  // Slices of whole vectors, so that every block's vector loads stay aligned.
+  // Slices of whole vectors: for an aligned row every slice starts at a 16-byte boundary (each
+  // slice cuts its own head and tail in any case).
   const int64_t per_block = (problem.num_classes + blocks_per_row - 1) / blocks_per_row;
   p.columns_per_block = (per_block + kVec - 1) / kVec * kVec;
-
-  const bool vectorized = aligned16(problem.logits) && aligned16(problem.grad) &&
-                          (problem.logits_row_stride * sizeof(scalar_t)) % 16 == 0 &&
-                          (problem.grad_row_stride * sizeof(scalar_t)) % 16 == 0;
-  if (vectorized) return launch<scalar_t, kVec>(p, problem.num_rows, workspace, stream);
-  p.columns_per_block = per_block;
-  return launch<scalar_t, 1>(p, problem.num_rows, workspace, stream);
+  return launch<scalar_t, kVec>(p, problem.num_rows, workspace, stream);
 }
 
 }  // namespace
