@@ -6,7 +6,14 @@
 //
 // Built by tests/test_native.py with the host C++ compiler and the CUDA toolkit's headers,
 // and called through ctypes with host pointers.
+//
+// Every load and store of a row's logits or gradient is counted here by its width, and one
+// not aligned to its width is counted apart (tests/test_cuda_kernel_layouts.py reads both:
+// the 16-byte path is taken for every layout, and never at an address a GPU would refuse).
+#include <atomic>
 #include <barrier>
+#include <bit>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -35,6 +42,15 @@ T shuffle_xor(T value, int offset) {
   std::memcpy(&other, lanes[self ^ static_cast<unsigned>(offset)], sizeof(T));
   warp.arrive_and_wait();  // nobody overwrites a slot before its reader is done
   return other;
+}
+
+// [load, store][log2 of the width in bytes: 1 to 16]; and accesses not aligned to their width.
+std::atomic<unsigned long long> row_accesses[2][5];
+std::atomic<unsigned long long> misaligned_row_accesses;
+
+inline void row_access(bool is_store, const void* ptr, unsigned bytes) {
+  if (reinterpret_cast<std::uintptr_t>(ptr) % bytes != 0) ++misaligned_row_accesses;
+  ++row_accesses[is_store ? 1 : 0][std::countr_zero(bytes)];
 }
 
 template <typename Kernel, typename... Args>
@@ -71,6 +87,7 @@ void launch(Kernel kernel, unsigned blocks, unsigned threads, Args... args) {
   emulation::launch(kernel, blocks, threads, __VA_ARGS__)
 #define cudaGetLastError() cudaSuccess
 #define __launch_bounds__(...)
+#define FUSED_LS_ROW_ACCESS(is_store, ptr, bytes) emulation::row_access(is_store, ptr, bytes)
 
 #include "../csrc/cuda/smoothed_xent_kernel.cu"
 
@@ -81,4 +98,13 @@ extern "C" int fused_ls_emulated_cuda_rows(const fused_ls::RowsProblem* problem,
 
 extern "C" unsigned long fused_ls_emulated_workspace_bytes(const fused_ls::RowsProblem* problem, int blocks_per_row) {
   return fused_ls::cuda::workspace_bytes(*problem, blocks_per_row);
+}
+
+// The counts since the last call, then zeroed: out[0..4] loads of 1, 2, 4, 8 and 16 bytes,
+// out[5..9] stores of those widths, out[10] accesses not aligned to their width.
+extern "C" void fused_ls_emulated_take_row_accesses(unsigned long long* out) {
+  for (int kind = 0; kind < 2; ++kind) {
+    for (int width = 0; width < 5; ++width) out[kind * 5 + width] = emulation::row_accesses[kind][width].exchange(0);
+  }
+  out[10] = emulation::misaligned_row_accesses.exchange(0);
 }
