@@ -13,9 +13,10 @@
 #      into that folder: builds fused_ls._C with its CUDA kernels     -> build.log
 #   4. the whole test suite on CUDA (FUSED_LS_TEST_DEVICE=cuda, Triton compiled, not
 #      interpreted; GPU-only tests included)                          -> tests.log, junit.xml
-#   5. python -m fused_ls bench --full on CUDA: bf16 then fp32, 16384 x {32000, 50257, 128256,
-#      256000} and 256 x 1000000; eager, torch.compile, triton, native (CUDA), in place,
-#      Liger; the copy ceiling; checked against eager   -> bench.json, bench.md, bench.png
+#   5. python -m fused_ls bench on CUDA: bf16 16384 x {32000, 50257, 128256, 256000} and fp32
+#      16384 x 128256; eager, torch.compile, triton (tuned), every Triton launch pinned
+#      (triton:<launch>, the split ones included), native (CUDA), in place, Liger; the copy
+#      ceiling; checked against eager                  -> bench.json, bench.md, bench.png
 #   6. the fused linear head (bench/test_linear.py, its targets' table): 4096x1024x128256 and
 #      8192x512x32000, fp32 and bf16, against the materialised path, torch's
 #      F.linear_cross_entropy and Liger's fused linear CE            -> linear.md
@@ -195,7 +196,10 @@ BENCH_ARGS=(--out "$OUT")
 if [ $DRY = 1 ]; then
     BENCH_ARGS+=(--device cpu --shapes 256x4096:fp32,64x50000:bf16 --repeats 2 --warmup 1 --providers eager,native,native-inplace)
 else
-    BENCH_ARGS+=(--device cuda --full --providers eager,compile,triton,triton-inplace,native,native-inplace,liger)
+    TRITON_LAUNCHES=$("$PY" -c "from fused_ls.bench.xent import TRITON_LAUNCHES as L; print(','.join('triton:' + n for n in L))")
+    SHAPES=16384x32000:bf16,16384x50257:bf16,16384x128256:bf16,16384x256000:bf16,16384x128256:fp32
+    BENCH_ARGS+=(--device cuda --shapes "$SHAPES" \
+        --providers "eager,compile,triton,triton-inplace,$TRITON_LAUNCHES,native,native-inplace,liger")
 fi
 LINEAR_S=${FUSED_LS_GPU_LINEAR_S:-90}
 BENCH_CAP=$((BUDGET - $(elapsed) - RESERVE - LINEAR_S))

@@ -5,7 +5,7 @@
 """
 
 from fused_ls.backends import available_backends
-from fused_ls.functional import SmoothedCrossEntropyLoss, smoothed_xent
+from fused_ls.functional import SmoothedCrossEntropyLoss, smoothed_xent, tune
 from fused_ls.linear import SmoothedLinearCrossEntropyLoss, smoothed_linear_xent
 from fused_ls.reference import smoothed_xent_reference
 
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "smoothed_xent", "SmoothedCrossEntropyLoss", "smoothed_linear_xent", "SmoothedLinearCrossEntropyLoss",
-    "available_backends", "smoothed_xent_reference", "__version__",
+    "available_backends", "smoothed_xent_reference", "tune", "__version__",
 ]

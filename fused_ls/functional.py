@@ -181,6 +181,22 @@ def _backend_for(backend: str, logits: torch.Tensor) -> str:
     return name
 
 
+def tune(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.1, **kwargs) -> None:
+    """Tune the Triton launches for inputs like these now, before a CUDA graph is captured.
+
+    Runs smoothed_xent's forward (with and without a gradient) and backward once on `logits`
+    and `target` (left unchanged) with the given keyword arguments. Tuning times candidate
+    launches and syncs with the host, so it never runs during capture: a launch not tuned
+    beforehand is the default one there. Elsewhere the first call tunes by itself.
+    """
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(True)
+        smoothed_xent(x, target, label_smoothing, **{k: v for k, v in kwargs.items() if k != "inplace_backward"}
+                      ).backward()
+    with torch.no_grad():
+        smoothed_xent(logits.detach(), target, label_smoothing, **kwargs)
+
+
 class SmoothedCrossEntropyLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`smoothed_xent`, taking the same keyword arguments.
 

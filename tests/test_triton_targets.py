@@ -1,5 +1,6 @@
-"""Every Triton kernel configuration the launchers choose compiles for sm_80, sm_90 and sm_100
-through Triton's real pipeline and ptxas, with no GPU, and none spills registers.
+"""Every Triton kernel configuration the launchers and the tuner can choose compiles for sm_80,
+sm_90 and sm_100 through Triton's real pipeline and ptxas, with no GPU, and none spills more
+than a few bytes a thread (tests/triton_targets.py, SPILL_LIMIT, says why a few).
 
 The interpreter that runs the other Triton tests forgives what a GPU compiler does not
 (register pressure, unsupported operations), so this compiles for real. One subprocess per
@@ -42,9 +43,15 @@ def compiled(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", [80, 90, 100])
-def test_every_launch_configuration_compiles_without_spills(compiled, arch):
+def test_every_launch_configuration_compiles_without_spilling_registers(compiled, arch):
     returncode, output, rows = compiled[arch]
     assert returncode == 0, output[-6000:]
-    kernels = {row["kernel"].split("[")[0] for row in rows}
-    assert {"smoothed_xent_fwd_kernel", "scale_rows_kernel", "compensated_add_kernel"} <= kernels
-    assert all(row["spill_stores"] == 0 and row["spill_loads"] == 0 for row in rows)
+    kernels = {row["kernel"].split(" ")[0] for row in rows}
+    assert {"smoothed_xent_fwd_kernel", "smoothed_xent_split_kernel", "scale_rows_kernel",
+            "compensated_add_kernel"} <= kernels
+    from triton_targets import SPILL_LIMIT
+
+    assert all(row["spill_stores"] <= SPILL_LIMIT and row["spill_loads"] <= SPILL_LIMIT for row in rows)
+    # Every kind of launch was compiled, the cooperative one included.
+    launches = " ".join(row["kernel"] for row in rows)
+    assert "PERSISTENT=1" in launches and "PHASE=0" in launches and "SINGLE_PASS=1" in launches

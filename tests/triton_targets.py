@@ -6,8 +6,11 @@ A stand-in driver reports a CUDA target; a JIT cache hook catches each launch th
 make (their real choice of block, warps and specialisation, from CPU tensors of the right
 shapes) and stops it before anything runs; each caught configuration is then compiled by
 Triton's full pipeline for each architecture, and the bundled ptxas reports its registers,
-spills and shared memory. Exits 1 on a compile error or a spill. Run it without
-TRITON_INTERPRET (the interpreter replaces the compiler).
+spills and shared memory. Exits 1 on a compile error or a spill of more than SPILL_LIMIT
+bytes a thread. Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
+
+`--markdown OUT` writes the resource table (registers, spills, shared memory, warps, resident
+programs per SM) that docs/traffic-model.md reads its occupancy from.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ import triton
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+# ptxas keeps 8-warp programs within 128 registers (two resident an SM) and then parks a few
+# 4-byte values in local memory, which stays in L1; the amount moves with the architecture
+# and with unrelated code. A handful of such slots is its trade-off, not register pressure
+# out of hand: more than this many bytes a thread fails.
+SPILL_LIMIT = 16
 
 # Vocabulary sizes that reach each launcher configuration, LLM vocabularies included.
 VOCABULARIES = (1000, 4096, 16384, 32000, 50257, 128256, 256000)
@@ -52,14 +61,15 @@ class _ReportedTarget:
 
 
 def caught_launches() -> list[dict]:
-    """The (kernel, signature, constants, options) of every launch the launchers make."""
+    """The (kernel, signature, constants, options) of every launch the launchers and the tuner
+    can make: every candidate launch for each vocabulary, dtype and feature set."""
     from fused_ls.triton import linear as linear_kernels
     from fused_ls.triton import smoothed_xent as row_kernels
 
     launches: dict[str, dict] = {}
 
     def catch(*, key, repr, fn, compile, **_):
-        launches.setdefault(str(key), {"fn": fn.jit_function, "repr": repr, **compile})
+        launches.setdefault(str(key), {"fn": fn.jit_function, "repr": describe(fn.jit_function, compile), **compile})
         return True  # compiled by us below, for every architecture; nothing is launched
 
     knobs.runtime.jit_cache_hook = catch
@@ -73,16 +83,43 @@ def caught_launches() -> list[dict]:
                 for weight in (None, torch.ones(V)):
                     weight_sum = None if weight is None else one
                     for softcap in (0.0, 30.0):
-                        for grad in (torch.empty_like(logits), None):
-                            row_kernels.smoothed_xent_rows_out(
-                                logits, target, weight, weight_sum, one if grad is not None else None, grad,
-                                rows, rows.clone(), 0.1 / V, 0.9, -100, 0.0, softcap, 1.0)
+                        for config in row_kernels.candidate_configs(V, dtype, weight is not None, softcap > 0,
+                                                                    split=True):
+                            for grad in (torch.empty_like(logits), None):
+                                args = (logits, target, weight, weight_sum, one if grad is not None else None, grad,
+                                        rows, rows.clone(), 0.1 / V, 0.9, -100, 0.0, softcap, 1.0, config)
+                                if config.kind == "split":  # the one cooperative launch a GPU makes
+                                    row_kernels._launch_split(*args, phases=(0,))
+                                else:
+                                    row_kernels.smoothed_xent_rows_out(*args)
                 row_kernels.scale_rows_(logits, torch.ones(2))
             linear_kernels.compensated_add_(torch.empty(4096, dtype=dtype), torch.empty(4096, dtype=torch.bfloat16),
                                             torch.empty(4096), False)
     finally:
         knobs.runtime.jit_cache_hook = None
     return list(launches.values())
+
+
+def describe(fn, compile: dict) -> str:
+    """The kernel, its logits' element type, its constexpr choices and its warps."""
+    names = fn.arg_names
+    element = compile["signature"].get(names[0], "?").lstrip("*")
+    flags = []
+    for (index, *_), value in compile["constants"].items():
+        name = names[index]
+        if name.isupper() and name != "ACC":
+            flags.append(f"{name}={int(value) if isinstance(value, bool) else value}")
+    return f"{fn.__name__} {element} {' '.join(flags)} warps={compile['num_warps']}"
+
+
+# Resident programs per SM that the registers, threads and shared memory allow (sm_80 to
+# sm_100: 64K registers, 2048 threads, 32 blocks; registers allocated per warp in units of 256).
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, shared_per_sm: int = 227 * 1024) -> int:
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    limits = [65536 // (per_warp * num_warps), 2048 // (32 * num_warps), 32]
+    if shared_bytes:
+        limits.append(shared_per_sm // shared_bytes)
+    return min(limits)
 
 
 def resources(ptx: str, arch: int) -> dict:
@@ -115,6 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
@@ -124,27 +162,36 @@ def main() -> int:
     for arch in args.arch:
         triton.runtime.driver.set_active(_ReportedTarget(arch))
         for launch in caught_launches():
-            options = {k: launch[k] for k in ("num_warps", "num_ctas", "num_stages")}
+            options = {k: launch[k] for k in ("num_warps", "num_ctas", "num_stages", "launch_cooperative_grid")
+                       if k in launch}
             name = launch["repr"]
             try:
                 source = ASTSource(launch["fn"], launch["signature"], launch["constants"], launch["configs"][0])
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-                row = {"arch": arch, "kernel": name, **resources(compiled.asm["ptx"], arch)}
+                row = {"arch": arch, "kernel": name, "num_warps": options["num_warps"],
+                       **resources(compiled.asm["ptx"], arch)}
+                row["programs_per_sm"] = programs_per_sm(row["registers"], row["num_warps"], row["shared_bytes"])
             except Exception as exc:  # noqa: BLE001  (every failure is reported, then the exit code says so)
                 failures.append(f"sm_{arch} {name}: {type(exc).__name__}: {str(exc)[:500]}")
                 continue
             rows.append(row)
-            if row["spill_stores"] or row["spill_loads"]:
+            if row["spill_stores"] > SPILL_LIMIT or row["spill_loads"] > SPILL_LIMIT:
                 failures.append(f"sm_{arch} {name}: spills {row['spill_stores']} B stored, {row['spill_loads']} B loaded")
     for row in rows:
         print(f"sm_{row['arch']:<4} regs {row['registers']:>3}  spills {row['spill_stores']:>4}/{row['spill_loads']:<4} "
-              f"smem {row['shared_bytes']:>6}  {row['kernel'][:150]}")
+              f"smem {row['shared_bytes']:>6}  per SM {row['programs_per_sm']:>2}  {row['kernel'][:150]}")
     print(f"{len(rows)} kernel configurations compiled for sm_{', sm_'.join(map(str, args.arch))}; "
           f"{len(failures)} failures")
     for failure in failures:
         print("FAILED", failure)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        lines = ["| arch | kernel | registers | spill bytes (stored/loaded) | shared bytes | programs per SM |",
+                 "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| sm_{r['arch']} | {r['kernel']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
+                  f"{r['shared_bytes']} | {r['programs_per_sm']} |" for r in rows]
+        args.markdown.write_text("\n".join(lines) + "\n")
     return 1 if failures or not rows else 0
 
 

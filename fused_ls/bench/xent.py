@@ -134,6 +134,35 @@ for _backend in ("triton", "native"):
                       _fused_unavailable(_backend), _fused_loss(_backend, inplace=False)))
     register(Provider(f"{_backend}-inplace", f"fused_ls.smoothed_xent(backend={_backend!r}, inplace_backward=True)",
                       True, _fused_unavailable(_backend), _fused_loss(_backend, inplace=True)))
+
+def _pinned_triton_loss(launch: str) -> Callable[[float], LossFn]:
+    """One Triton launch, pinned (FUSED_LS_TRITON_LAUNCH) instead of tuned; the split launches
+    are allowed for the measurement (FUSED_LS_UNVALIDATED_LAUNCHES)."""
+    def make(label_smoothing: float) -> LossFn:
+        def loss(logits, target):
+            saved = {k: os.environ.get(k) for k in ("FUSED_LS_TRITON_LAUNCH", "FUSED_LS_UNVALIDATED_LAUNCHES")}
+            os.environ.update(FUSED_LS_TRITON_LAUNCH=launch, FUSED_LS_UNVALIDATED_LAUNCHES="1")
+            try:
+                return smoothed_xent(logits, target, label_smoothing, backend="triton")
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+        return loss
+
+    return make
+
+
+# The Triton launches for rows longer than one block (fused_ls.triton.smoothed_xent.candidate_configs).
+TRITON_LAUNCHES = ("streamed-b4096-w8", "streamed-b2048-w4", "streamed-b8192-w16", "persistent-b4096-w8-p1",
+                   "persistent-b4096-w8-p2", "persistent-b4096-w8-l2", "persistent-b8192-w16-p1",
+                   "persistent-b8192-w16-l2", "split-b8192-w8-p1", "split-b4096-w8-p2")
+for _launch in TRITON_LAUNCHES:
+    register(Provider(f"triton:{_launch}", f"fused_ls.smoothed_xent(backend='triton'), launch {_launch} pinned",
+                      False, _fused_unavailable("triton"), _pinned_triton_loss(_launch)))
 register(Provider("liger", "Liger-Kernel LigerCrossEntropyLoss(label_smoothing=0.1), overwrites its input",
                   True, liger_unavailable, _liger_loss))
 

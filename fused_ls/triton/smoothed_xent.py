@@ -1,89 +1,69 @@
 """Fused label-smoothed cross-entropy in Triton: loss, lse and gradient in one launch.
 
-The maths, per row of V logits x with target t (t == ignore_index: loss 0, grad 0)
----------------------------------------------------------------------------------
-    u   = logit_scale * x
-    y   = softcap * tanh(u / softcap)            (y = u without softcap)
-    m   = max_c y_c,   s = sum_c exp(y_c - m),   lse = m + log s,   p_c = exp((y_c - m) - log s)
+The maths (derivation, numerics, masked classes): docs/maths.md. Per row of V logits x with
+target t, y = softcap * tanh(logit_scale * x / softcap), m = max y, s = sum exp(y - m),
+lse = m + log s, and with the masses k_s, k_t of the convention (q_c = k_s w_c + k_t w_t [c == t]):
 
-The smoothed target gives class c the mass  q_c = k_s w_c + k_t w_t [c == t]  where w are
-the class weights (all 1 without `weight`), and
-    uniform (PyTorch):  k_s = eps/V,      k_t = 1 - eps
-    others  (fairseq):  k_s = eps/(V-1),  k_t = 1 - eps - eps/(V-1)
-so with W = sum_c w_c the total mass is A = k_s W + k_t w_t (1 without weights), and
+    loss = A log s + k_s D + (k_s + k_t) w_t (m - y_t) + z lse^2,   A = k_s W + k_t w_t,
+           D = sum_{c != t, w_c != 0} w_c (m - y_c)    (kept against a running max when streamed)
+    dloss/dx_c = ((A + 2 z lse) p_c - k_s w_c - k_t w_t [c == t]) * grad_scale_row
+                 * logit_scale * (1 - (y_c / softcap)^2)
 
-    loss = sum_c q_c (lse - y_c) + z lse^2
-         = A log s + k_s D + q_t (m - y_t) + z lse^2,    D = sum_{c != t, w_c != 0} w_c (m - y_c)
-    dloss/dy_c = (A + 2 z lse) p_c - k_s w_c - k_t w_t [c == t]
-    dloss/dx_c = dloss/dy_c * logit_scale * (1 - (y_c / softcap)^2)     (no last factor without softcap)
+computed in fp32 (fp64 for fp64 logits) and rounded once to the logits' dtype. A term of mass 0
+is exactly 0 even at a logit of -inf; an ignored row gets loss 0 and gradient 0, an out-of-range
+target is never dereferenced (loss NaN, gradient 0). Float64 logits accumulate in float64, but
+Triton passes the float scalars (k_s, k_t, ...) as float32: about 1e-8 relative.
 
-Every term of D is >= 0 and is formed as a difference to the row's max before it is
-summed, so nothing large is subtracted and adding a constant to every logit changes the
-loss by rounding only (m W - sum w y would cancel catastrophically for large logits). The
-streamed path keeps D relative to its running max r, moving it when the max rises:
-D <- D + W_seen (r_new - r_old) + sum_chunk w_c (r_new - y_c), where W_seen counts only
-the finite logits seen so far. p_c is formed from y_c - m for the same reason. The
-gradient is computed in fp32 (fp64 for fp64 logits), multiplied by `grad_scale` (a scalar,
-or one value per row: an upstream gradient folded in) and rounded once to the logits'
-dtype: the true class's p_t - k_t never passes through bf16. Float64 logits (for
-gradcheck) accumulate in float64, but Triton passes the float scalars (k_s, k_t, z_loss, ...)
-as float32, so such results carry their rounding, about 1e-8 relative.
-
-A logit of -inf (a masked class) has p_c = 0, and its term q_c (lse - y_c) is +inf when
-q_c > 0 and exactly 0 when q_c == 0, never 0 * inf = NaN: with eps = 0 a masked non-target
-class costs nothing (as in F.cross_entropy), a masked class of weight 0 costs nothing
-(PyTorch gives NaN there), and a masked target gives +inf unless q_t is 0 (eps = 1 with
-"others": k_t = -k_s). Hence the true class is left out of D and carries its whole mass
-q_t = (k_s + k_t) w_t in its own term, k_s D and q_t (m - y_t) are dropped when their mass
-is 0, and lanes of weight 0 are left out of D. The gradient stays finite. A row whose
-logits are all -inf has no finite max and gives NaN, as in PyTorch.
-
-A target outside [0, V) that is not ignore_index is never dereferenced: y_t is picked out
-of the row by comparison, its loss is NaN and its gradient row is 0.
-
-Memory traffic per row (b = bytes per logit)
---------------------------------------------
-    V <= single-block limit:  read V*b, write V*b (+ V*4 for weights, cached across rows)
-    larger rows:              read 2*V*b (the second pass re-reads the row, mostly from L2),
-                              write V*b
+Memory traffic per row (b = bytes per logit; docs/traffic-model.md counts it per launch)
+--------------------------------------------------------------------------------------
+    single (row in registers):   read V*b, write V*b (+ V*4 for weights, cached across rows)
+    streamed:                    read 2*V*b (the second read from L2 only if the rows in flight
+                                 fit it), write V*b
+    persistent (L2 hints):       read V*b from DRAM and V*b from L2, write V*b, when the rows in
+                                 flight fit 3/4 of L2
+    ignored row:                 read V*b once (its lse), write V*b zeros, no second read
 Nothing else of size V is written: the loss and lse are 4 bytes per row. The loss-only op
-(WRITE_GRAD=False, for a forward that needs no gradient) stops after pass 1: read V*b, no
-write of size V, and no gradient buffer allocated.
+(WRITE_GRAD=False) stops after pass 1: read V*b, no write of size V, no gradient allocated.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from fused_ls._row_op import define_row_ops
+from fused_ls.triton import tuning
 
-# Rows up to this many logits are held in registers and read once; longer rows are
-# streamed twice in chunks of CHUNKED_BLOCK. A whole row of 16384 does not fit: at 16 or 32
-# warps ptxas spills 40 to 100 bytes a thread (tests/triton_targets.py), so 8 warps hold at
-# most 8192. Tests lower both to reach the chunked path at sizes the interpreter can run.
+# By default rows up to this many logits are held in registers and read once; longer rows
+# are streamed twice in chunks of CHUNKED_BLOCK (2-byte logits; half as many of 4 bytes). At 8 warps 8192 logits fit; 16384 fit 16
+# warps only without weights and softcap (ptxas spills otherwise: tests/triton_targets.py).
+# Chunks of 4096 at 8 warps need about 100 registers a thread (8192 needed 234, one program
+# an SM). Tests lower both to reach the streamed path at sizes the interpreter can run.
 MAX_SINGLE_BLOCK = 8192
-CHUNKED_BLOCK = 8192
+CHUNKED_BLOCK = 4096
 
 
 @triton.jit
-def _transform(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+def _transform(x, logit_scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
     u = x * logit_scale
     if HAS_SOFTCAP:
-        # tanh(a) = 1 - 2 / (exp(2a) + 1): finite for every a, exact at +-inf.
+        # tanh(a) = 1 - 2 / (exp(2a) + 1): finite for every a, exact at +-inf; one exp and one
+        # division per element (inv_softcap is 1/softcap, computed once on the host).
         u = softcap * (1.0 - 2.0 / (tl.exp(2.0 * u / softcap) + 1.0))
     return u
 
 
 @triton.jit
-def _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
-                HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+def _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap, inv_softcap,
+                HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, EVICTION: tl.constexpr):
     """(mask, transformed logits, class weights) for the lanes `offs` of one row."""
     mask = offs < V
-    y = _transform(tl.load(logits_row + offs, mask=mask, other=0.0).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+    x = tl.load(logits_row + offs, mask=mask, other=0.0, eviction_policy=EVICTION)
+    y = _transform(x.to(ACC), logit_scale, softcap, inv_softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + offs.to(tl.int64) * stride_weight, mask=mask, other=0.0).to(ACC)
     else:
@@ -119,42 +99,34 @@ def _to_output(g, out_ty: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, m, log_s, grad_scale, logit_scale, softcap,
+def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, m, log_s, grad_scale, logit_scale, inv_softcap,
                   HAS_SOFTCAP: tl.constexpr):
     # y - m first: exact for nearby large logits, where y - lse would carry lse's rounding.
     p = tl.exp((y - m) - log_s)
     g = p_coef * p - k_s * w - tl.where(offs == t, true_mass, 0.0)
     dydx = logit_scale
     if HAS_SOFTCAP:
-        c = y / softcap
+        c = y * inv_softcap
         dydx = logit_scale * (1.0 - c * c)
     return g * (dydx * grad_scale)
 
 
 @triton.jit
-def smoothed_xent_fwd_kernel(
-    logits_ptr,        # (N, V) any float dtype, unit stride along V
-    grad_ptr,          # (N, V) gradient out, logits' dtype; may be logits_ptr itself (in place); unused without WRITE_GRAD
-    target_ptr,        # (N,) int32 or int64, any stride (0 for one target broadcast to every row)
-    weight_ptr,        # (V,) class weights, any stride; read only when HAS_WEIGHT
-    weight_sum_ptr,    # 0-d, sum of the class weights, read only when HAS_WEIGHT
-    grad_scale_ptr,    # (N,) multiplies row i's gradient, any stride (0 for a scalar); read only with WRITE_GRAD
-    loss_ptr,          # (N,) per-row loss out
-    lse_ptr,           # (N,) per-row logsumexp of the transformed logits out
+def _one_row(
+    row, logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr, loss_ptr, lse_ptr,
     stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
-    V, ignore_index,
-    k_s, k_t,          # smoothing mass per unit of class weight; extra mass on the true class
-    z_loss, softcap, logit_scale,
-    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,  # False: the loss and lse only (pass 1), no gradient
+    V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr, L2_HINTS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
     t = tl.load(target_ptr + row * stride_target).to(tl.int64)
     ignored = t == ignore_index
     in_range = (t >= 0) & (t < V)
+    # The target's lane, compared with int32 lane offsets (an int64 compare would widen every
+    # lane's offset to 64 bits); -1, a lane no row has, for an ignored or out-of-range target.
+    t_lane = tl.where(in_range, t, -1).to(tl.int32)
     if HAS_WEIGHT:
         weight_sum = tl.load(weight_sum_ptr).to(ACC)
         w_t = tl.load(weight_ptr + t * stride_weight, mask=in_range & ~ignored, other=0.0).to(ACC)
@@ -162,18 +134,23 @@ def smoothed_xent_fwd_kernel(
         weight_sum = V * 1.0
         w_t = 1.0
     offs0 = tl.arange(0, BLOCK)
+    # With L2_HINTS the first read asks L2 to keep the row for the second, which then lets
+    # it go: the persistent schedule keeps the rows in flight within L2, so the second read
+    # costs no DRAM traffic.
+    FIRST_READ: tl.constexpr = "evict_last" if L2_HINTS else ""
+    SECOND_READ: tl.constexpr = "evict_first" if L2_HINTS else ""
 
     # Pass 1: max, sum of exp, D = sum of w (m - y) over c != t, and y_t.
     if SINGLE_PASS:
-        mask, y, w = _load_chunk(logits_row, weight_ptr, stride_weight, offs0, V, logit_scale, softcap,
-                                 HAS_SOFTCAP, HAS_WEIGHT, ACC)
+        mask, y, w = _load_chunk(logits_row, weight_ptr, stride_weight, offs0, V, logit_scale, softcap, inv_softcap,
+                                 HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
         y_masked = tl.where(mask, y, -float("inf"))
         m = tl.max(y_masked, axis=0)
         # A finite reference: a row of -inf only would give -inf - -inf = NaN in every lane.
         r = tl.where(m == -float("inf"), 0.0, m)
         s = tl.sum(tl.exp(y_masked - r), axis=0)
-        d, _ = _distance_sum(y, w, mask, offs0, t, r, HAS_WEIGHT)
-        y_t = tl.sum(tl.where(offs0 == t, y, 0.0), axis=0)
+        d, _ = _distance_sum(y, w, mask, offs0, t_lane, r, HAS_WEIGHT)
+        y_t = tl.sum(tl.where(offs0 == t_lane, y, 0.0), axis=0)
     else:
         # Streamed with a running max m and its finite stand-in r; s and d are kept
         # relative to r and moved whenever it rises.
@@ -186,18 +163,18 @@ def smoothed_xent_fwd_kernel(
         for start in range(0, V, BLOCK):
             offs = start + offs0
             mask, yc, wc = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
-                                       HAS_SOFTCAP, HAS_WEIGHT, ACC)
+                                       inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, FIRST_READ)
             yc_masked = tl.where(mask, yc, -float("inf"))
             m_new = tl.maximum(m, tl.max(yc_masked, axis=0))
             r_new = tl.where(m_new == -float("inf"), 0.0, m_new)
             s = s * tl.exp(m - r_new) + tl.sum(tl.exp(yc_masked - r_new), axis=0)
-            d_chunk, w_chunk = _distance_sum(yc, wc, mask, offs, t, r_new, HAS_WEIGHT)
+            d_chunk, w_chunk = _distance_sum(yc, wc, mask, offs, t_lane, r_new, HAS_WEIGHT)
             # w_seen counts finite lanes only, whose reference was the true max, so r_new >= r.
             d = d + w_seen * (r_new - r) + d_chunk
             w_seen += w_chunk
             m = m_new
             r = r_new
-            y_t += tl.sum(tl.where(offs == t, yc, 0.0), axis=0)
+            y_t += tl.sum(tl.where(offs == t_lane, yc, 0.0), axis=0)
 
     log_s = tl.log(s)
     lse = m + log_s
@@ -219,21 +196,160 @@ def smoothed_xent_fwd_kernel(
 
     # Pass 2: the gradient, rounded once to the output dtype.
     if WRITE_GRAD:
+        out_ty: tl.constexpr = grad_ptr.dtype.element_ty
         # Zero, not the scale, on rows without a gradient: a NaN or inf scale (a mean over a
         # zero denominator) must not turn their 0 into NaN.
         grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
         if SINGLE_PASS:
-            g = _row_gradient(y, w, offs0, t, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
-                              softcap, HAS_SOFTCAP)
-            tl.store(grad_row + offs0, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
-        else:
+            g = _row_gradient(y, w, offs0, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
+                              inv_softcap, HAS_SOFTCAP)
+            tl.store(grad_row + offs0, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
+        elif active:
             for start in range(0, V, BLOCK):
                 offs = start + offs0
                 mask, yc, wc = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
-                                           HAS_SOFTCAP, HAS_WEIGHT, ACC)
-                g = _row_gradient(yc, wc, offs, t, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
-                                  softcap, HAS_SOFTCAP)
-                tl.store(grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
+                                           inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, SECOND_READ)
+                g = _row_gradient(yc, wc, offs, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
+                                  inv_softcap, HAS_SOFTCAP)
+                tl.store(grad_row + offs, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
+        else:
+            # An ignored row: its gradient is 0, and its logits need not be read again.
+            zeros = tl.zeros((BLOCK,), out_ty)
+            for start in range(0, V, BLOCK):
+                offs = start + offs0
+                tl.store(grad_row + offs, zeros, mask=offs < V)
+
+
+@triton.jit
+def smoothed_xent_fwd_kernel(
+    logits_ptr,        # (N, V) any float dtype, unit stride along V
+    grad_ptr,          # (N, V) gradient out, logits' dtype; may be logits_ptr itself (in place); unused without WRITE_GRAD
+    target_ptr,        # (N,) int32 or int64, any stride (0 for one target broadcast to every row)
+    weight_ptr,        # (V,) class weights, any stride; read only when HAS_WEIGHT
+    weight_sum_ptr,    # 0-d, sum of the class weights, read only when HAS_WEIGHT
+    grad_scale_ptr,    # (N,) multiplies row i's gradient, any stride (0 for a scalar); read only with WRITE_GRAD
+    loss_ptr,          # (N,) per-row loss out
+    lse_ptr,           # (N,) per-row logsumexp of the transformed logits out
+    stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
+    N, V, ignore_index,
+    k_s, k_t,          # smoothing mass per unit of class weight; extra mass on the true class
+    z_loss, softcap, inv_softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,  # False: the loss and lse only (pass 1), no gradient
+    PERSISTENT: tl.constexpr,  # a grid smaller than N, each program taking every num_programs-th row
+    L2_HINTS: tl.constexpr,    # cache-eviction hints that keep a row in L2 between its two reads
+):
+    if PERSISTENT:
+        for row in range(tl.program_id(0), N, tl.num_programs(0)):
+            _one_row(tl.cast(row, tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr,
+                     loss_ptr, lse_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
+                     stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+                     HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS)
+    else:
+        _one_row(tl.program_id(0).to(tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr,
+                 grad_scale_ptr, loss_ptr, lse_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
+                 stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+                 HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS)
+
+
+# Partials a segment publishes for its row: r (its finite max stand-in), m (its max), s = sum
+# exp(y - r), d = sum w (r - y) over c != t, w_seen = sum of w over its finite lanes, y_t.
+_PARTIALS = tl.constexpr(8)  # padded to a power of two
+
+
+@triton.jit
+def smoothed_xent_split_kernel(
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr, loss_ptr, lse_ptr,
+    partials_ptr,      # (N, SEGMENTS, _PARTIALS) float32/64 scratch
+    arrivals_ptr,      # (N,) int32, zero before the launch: segments of the row that published
+    stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
+    N, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENTS_POW2: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    PHASE: tl.constexpr,  # 0: one cooperative launch; 1 then 2: two launches (the interpreter's split-phase mode)
+):
+    """Each row split into SEGMENTS segments of BLOCK logits, one program a segment, every
+    segment held in registers from its read to its gradient: the logits are read from DRAM
+    once. The programs of a row exchange their partials through `partials_ptr` and wait on
+    `arrivals_ptr`, so all of them must be resident at once: a cooperative launch of a grid
+    that is a multiple of SEGMENTS, each program taking the items p, p + grid, ... in turn
+    (the programs of one row always work on it in the same turn, so no wait can deadlock)."""
+    offs0 = tl.arange(0, BLOCK)
+    parts = tl.arange(0, _PARTIALS)
+    for item in range(tl.program_id(0), N * SEGMENTS, tl.num_programs(0)):
+        row = tl.cast(item // SEGMENTS, tl.int64)
+        segment = item % SEGMENTS
+        logits_row = logits_ptr + row * stride_logits_row
+        t = tl.load(target_ptr + row * stride_target).to(tl.int64)
+        ignored = t == ignore_index
+        in_range = (t >= 0) & (t < V)
+        t_lane = tl.where(in_range, t, -1).to(tl.int32)
+        offs = segment * BLOCK + offs0
+        mask, y, w = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap, inv_softcap,
+                                 HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
+        row_partials = partials_ptr + row * (SEGMENTS * _PARTIALS)
+        if PHASE != 2:
+            y_masked = tl.where(mask, y, -float("inf"))
+            m_j = tl.max(y_masked, axis=0)
+            r_j = tl.where(m_j == -float("inf"), 0.0, m_j)
+            s_j = tl.sum(tl.exp(y_masked - r_j), axis=0)
+            d_j, w_seen_j = _distance_sum(y, w, mask, offs, t_lane, r_j, HAS_WEIGHT)
+            y_t_j = tl.sum(tl.where(offs == t_lane, y, 0.0), axis=0)
+            published = tl.where(parts == 0, r_j, tl.where(parts == 1, m_j, tl.where(parts == 2, s_j, tl.where(
+                parts == 3, d_j, tl.where(parts == 4, w_seen_j, y_t_j)))))
+            tl.store(row_partials + segment * _PARTIALS + parts, published, mask=parts < 6)
+            # Every thread's stores are done before the one release that announces them.
+            tl.debug_barrier()
+            tl.atomic_add(arrivals_ptr + row, 1, sem="release", scope="gpu")
+        if PHASE != 1:
+            if PHASE == 0:
+                arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire", scope="gpu")
+                while arrived < SEGMENTS:
+                    arrived = tl.atomic_add(arrivals_ptr + row, 0, sem="acquire", scope="gpu")
+                tl.debug_barrier()
+            # The row's statistics from its segments' partials, the same in every program.
+            seg = tl.arange(0, SEGMENTS_POW2)
+            seg_mask = seg < SEGMENTS
+            base = row_partials + seg * _PARTIALS
+            r_all = tl.load(base + 0, mask=seg_mask, other=0.0, volatile=True)
+            m_all = tl.load(base + 1, mask=seg_mask, other=-float("inf"), volatile=True)
+            s_all = tl.load(base + 2, mask=seg_mask, other=0.0, volatile=True)
+            d_all = tl.load(base + 3, mask=seg_mask, other=0.0, volatile=True)
+            w_all = tl.load(base + 4, mask=seg_mask, other=0.0, volatile=True)
+            y_t = tl.sum(tl.load(base + 5, mask=seg_mask, other=0.0, volatile=True), axis=0)
+            m = tl.max(m_all, axis=0)
+            r = tl.where(m == -float("inf"), 0.0, m)
+            s = tl.sum(s_all * tl.exp(r_all - r), axis=0)
+            # d_j was taken against r_j <= r: each finite lane of weight w moves by w (r - r_j).
+            d = tl.sum(d_all + tl.where(w_all != 0.0, w_all * (r - r_all), 0.0), axis=0)
+            if HAS_WEIGHT:
+                weight_sum = tl.load(weight_sum_ptr).to(ACC)
+                w_t = tl.load(weight_ptr + t * stride_weight, mask=in_range & ~ignored, other=0.0).to(ACC)
+            else:
+                weight_sum = V * 1.0
+                w_t = 1.0
+            log_s = tl.log(s)
+            lse = m + log_s
+            true_mass = k_t * w_t
+            total_mass = k_s * weight_sum + true_mass
+            q_t = (k_s + k_t) * w_t
+            smooth_term = k_s * tl.where(k_s != 0.0, d, 0.0)
+            true_term = q_t * tl.where(q_t != 0.0, m - y_t, 0.0)
+            loss = total_mass * log_s + smooth_term + true_term + z_loss * lse * lse
+            active = in_range & ~ignored
+            loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+            if segment == 0:
+                tl.store(loss_ptr + row, loss)
+                tl.store(lse_ptr + row, lse)
+            if WRITE_GRAD:
+                p_coef = tl.where(active, total_mass + 2.0 * z_loss * lse, 0.0)
+                grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
+                g = _row_gradient(y, w, offs, t_lane, p_coef, tl.where(active, k_s, 0.0),
+                                  tl.where(active, true_mass, 0.0), m, log_s, grad_scale, logit_scale, inv_softcap,
+                                  HAS_SOFTCAP)
+                tl.store(grad_ptr + row * stride_grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty,
+                                                                             EMULATE_RTNE_BF16), mask=mask)
 
 
 @triton.jit
@@ -259,16 +375,122 @@ def scale_rows_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _launch_config(V: int, dtype: torch.dtype) -> tuple[int, bool, int]:
-    """(BLOCK, SINGLE_PASS, num_warps) for a row of V logits."""
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One way to launch the kernel on rows of V logits.
+
+    single:     the whole row in registers (BLOCK >= V): one read, one write.
+    streamed:   one program per row, two passes over chunks of BLOCK.
+    persistent: the streamed passes in `programs` programs (programs_per_sm a streaming
+                multiprocessor, or rows sized to fit L2), each taking every programs-th row,
+                with eviction hints, so that the rows in flight stay in L2 between their two
+                reads.
+    split:      each row split into segments of BLOCK held in registers by the programs of a
+                cooperative grid that exchange their partials: one read from DRAM, one write.
+                Its programs wait on one another, so it is offered only where it has run on
+                a real GPU (VALIDATED_SPLIT_GPUS) or FUSED_LS_UNVALIDATED_LAUNCHES=1 asks.
+    """
+
+    kind: str
+    block: int  # logits a program holds at once; for the streamed kinds, counted at 2 bytes
+    num_warps: int
+    programs_per_sm: int = 0  # persistent: programs per SM (0: sized to L2)
+
+    def elements(self, dtype: torch.dtype) -> int:
+        """Logits a program holds at once: a chunk of 4-byte logits is half as long as one of
+        2-byte logits, the same bytes and the same registers."""
+        if self.kind == "single":
+            return self.block
+        return max(16, self.block * 2 // dtype.itemsize)
+
+    @property
+    def name(self) -> str:
+        name = f"{self.kind}-b{self.block}-w{self.num_warps}"
+        if self.kind == "persistent":
+            name += f"-p{self.programs_per_sm}" if self.programs_per_sm else "-l2"
+        elif self.kind == "split":
+            name += f"-p{self.programs_per_sm}"
+        return name
+
+
+# GPUs (torch.cuda.get_device_name) on which the split launch has run and matched the
+# streamed one: it is a tuning candidate there by default. It grows when a GPU is at hand.
+VALIDATED_SPLIT_GPUS: tuple[str, ...] = ()
+
+
+def split_launch_allowed(device: torch.device) -> bool:
+    if os.environ.get("FUSED_LS_UNVALIDATED_LAUNCHES") == "1":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_name(device) in VALIDATED_SPLIT_GPUS
+
+
+def _single_block(V: int) -> int:
+    return max(triton.next_power_of_2(V), 16)
+
+
+def default_config(V: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch used where nothing was tuned (the CPU interpreter, CUDA-graph capture,
+    FUSED_LS_AUTOTUNE=0): a row in registers where it fits, else the streamed passes."""
     if V <= MAX_SINGLE_BLOCK:
-        block = max(triton.next_power_of_2(V), 16)
-        single = True
+        block = _single_block(V)
+        return LaunchConfig("single", block, 4 if block <= 2048 else 8)
+    return LaunchConfig("streamed", CHUNKED_BLOCK, 8 if CHUNKED_BLOCK >= 4096 else 4)
+
+
+def candidate_configs(V: int, dtype: torch.dtype, has_weight: bool, has_softcap: bool,
+                      split: bool = False) -> list[LaunchConfig]:
+    """Every launch the tuner may choose for these rows, the default first; `split` adds the
+    cooperative ones. Each compiles without register spills for sm_80, sm_90 and sm_100
+    (tests/triton_targets.py checks)."""
+    default = default_config(V, dtype)
+    if V <= MAX_SINGLE_BLOCK:
+        return [default]
+    configs = [default]
+    if V <= 2 * MAX_SINGLE_BLOCK and not (has_weight or has_softcap):
+        # 16384 logits in registers fit 16 warps only without weights or a softcap.
+        configs.append(LaunchConfig("single", _single_block(V), 16))
+    for block, warps in ((2048, 4), (8192, 16)):
+        configs.append(LaunchConfig("streamed", block, warps))
+    for programs_per_sm in (1, 2, 0):
+        configs.append(LaunchConfig("persistent", 4096, 8, programs_per_sm))
+    # Twice the bytes in flight a program, for rows so long that few fit L2 at once.
+    for programs_per_sm in (1, 0):
+        configs.append(LaunchConfig("persistent", 8192, 16, programs_per_sm))
+    if split:
+        configs += [LaunchConfig("split", 8192, 8, 1), LaunchConfig("split", 4096, 8, 2)]
+    return list(dict.fromkeys(configs))
+
+
+# A stand-in GPU for the interpreter, so that tests run the persistent loop over several rows.
+_INTERPRETED_DEVICE = (4, 1 << 20)  # (SMs, L2 bytes)
+_DEVICE_SHAPES: dict[int, tuple[int, int]] = {}
+
+
+def device_shape(device: torch.device) -> tuple[int, int]:
+    """(streaming multiprocessors, L2 bytes) of the logits' device."""
+    if device.type != "cuda":
+        return _INTERPRETED_DEVICE
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_SHAPES:
+        properties = torch.cuda.get_device_properties(index)
+        _DEVICE_SHAPES[index] = (properties.multi_processor_count, getattr(properties, "L2_cache_size", 50 << 20))
+    return _DEVICE_SHAPES[index]
+
+
+def grid_size(config: LaunchConfig, N: int, V: int, dtype: torch.dtype, device: torch.device) -> int:
+    if config.kind not in ("persistent", "split"):
+        return N
+    sms, l2_bytes = device_shape(device)
+    if config.kind == "split":
+        # A multiple of the segments a row has, all resident at once; at most one turn of items.
+        segments = triton.cdiv(V, config.elements(dtype))
+        return max(segments, min(N * segments, (sms * config.programs_per_sm // segments) * segments))
+    if config.programs_per_sm:
+        programs = sms * config.programs_per_sm
     else:
-        block = CHUNKED_BLOCK
-        single = False
-    num_warps = 4 if block <= 2048 else 8
-    return block, single, num_warps
+        # Rows in flight that fill at most 3/4 of L2 (the rest: weights, other traffic).
+        programs = max(1, (3 * l2_bytes // 4) // max(1, V * dtype.itemsize))
+    return max(1, min(N, programs))
 
 
 def smoothed_xent_rows_out(
@@ -286,34 +508,78 @@ def smoothed_xent_rows_out(
     z_loss: float,
     softcap: float,
     logit_scale: float,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Launch the fused kernel, writing into the given buffers (grad_out may be logits).
 
     target (N,) and weight (V,) may have any stride, 0 included. grad_scale holds one
     element (0-d or (1,)) scaling every row, or N (any stride) scaling row i by
     grad_scale[i]. With grad_out None (and grad_scale None) only the loss and lse are
-    computed."""
+    computed. `config` None: default_config."""
     N, V = logits.shape
     if N == 0:
         return
-    block, single, num_warps = _launch_config(V, logits.dtype)
+    if config is None:
+        config = default_config(V, logits.dtype)
+    if config.kind == "split":
+        _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss_out, lse_out, k_s, k_t,
+                      ignore_index, z_loss, softcap, logit_scale, config)
+        return
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     has_weight = weight is not None
     write_grad = grad_out is not None
     stride_grad_scale = _grad_scale_stride(grad_scale, N) if write_grad else 0
     unused = loss_out  # a valid pointer for the arguments a launch never reads
-    smoothed_xent_fwd_kernel[(N,)](
+    persistent = config.kind == "persistent"
+    grid = (grid_size(config, N, V, logits.dtype, logits.device),)
+    smoothed_xent_fwd_kernel[grid](
         logits, grad_out if write_grad else logits, target,
         weight if has_weight else unused, weight_sum if has_weight else unused,
         grad_scale if write_grad else unused, loss_out, lse_out,
         logits.stride(0), grad_out.stride(0) if write_grad else 0,
         target.stride(0), weight.stride(0) if has_weight else 0, stride_grad_scale,
-        V, ignore_index,
-        k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, logit_scale,
+        N, V, ignore_index,
+        k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, 1.0 / softcap if softcap > 0 else 1.0, logit_scale,
         HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0,
-        BLOCK=block, SINGLE_PASS=single, ACC=acc, EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out),
-        WRITE_GRAD=write_grad, num_warps=num_warps,
+        BLOCK=config.elements(logits.dtype), SINGLE_PASS=config.kind == "single", ACC=acc,
+        EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out),
+        WRITE_GRAD=write_grad, PERSISTENT=persistent, L2_HINTS=persistent, num_warps=config.num_warps,
     )
+
+
+def _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss_out, lse_out, k_s, k_t,
+                  ignore_index, z_loss, softcap, logit_scale, config: LaunchConfig, phases=None) -> None:
+    N, V = logits.shape
+    block = config.elements(logits.dtype)
+    segments = triton.cdiv(V, block)
+    grid = grid_size(config, N, V, logits.dtype, logits.device)
+    if grid < segments:
+        raise ValueError(f"fused_ls: a row of {segments} segments needs {segments} resident programs")
+    has_weight = weight is not None
+    write_grad = grad_out is not None
+    unused = loss_out
+    partials = loss_out.new_empty(N, segments, _PARTIALS)
+    arrivals = torch.zeros(N, dtype=torch.int32, device=logits.device)
+    # The interpreter runs programs one after another, where a wait would never end: there
+    # the statistics and the gradient are two launches (the second reads the logits again).
+    if phases is None:
+        phases = (0,) if logits.is_cuda else (1, 2)
+    for phase in phases:
+        options = {"launch_cooperative_grid": True} if phase == 0 else {}
+        smoothed_xent_split_kernel[(grid,)](
+            logits, grad_out if write_grad else logits, target,
+            weight if has_weight else unused, weight_sum if has_weight else unused,
+            grad_scale if write_grad else unused, loss_out, lse_out, partials, arrivals,
+            logits.stride(0), grad_out.stride(0) if write_grad else 0,
+            target.stride(0), weight.stride(0) if has_weight else 0,
+            _grad_scale_stride(grad_scale, N) if write_grad else 0,
+            N, V, ignore_index, k_s, k_t, z_loss, softcap if softcap > 0 else 1.0,
+            1.0 / softcap if softcap > 0 else 1.0, logit_scale,
+            HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0, BLOCK=block, SEGMENTS=segments,
+            SEGMENTS_POW2=triton.next_power_of_2(segments), ACC=tl.float64 if logits.dtype == torch.float64 else tl.float32,
+            EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out), WRITE_GRAD=write_grad, PHASE=phase,
+            num_warps=config.num_warps, **options,
+        )
 
 
 def _grad_scale_stride(grad_scale: torch.Tensor, num_rows: int) -> int:
@@ -351,8 +617,47 @@ def _run_out(logits, target, weight, grad_scale, grad, loss, lse, k_s, k_t, igno
     weight_sum = None
     if weight is not None:
         weight_sum = weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
-    smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse,
-                           k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
+    args = (k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
+    config = _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args)
+    smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse, *args, config=config)
+
+
+def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -> LaunchConfig:
+    """The tuned launch for these rows (fused_ls/triton/tuning.py), the default where only
+    one candidate exists."""
+    N, V = logits.shape
+    softcap = args[4]
+    candidates = candidate_configs(V, logits.dtype, weight is not None, softcap > 0,
+                                   split=split_launch_allowed(logits.device))
+    if len(candidates) == 1 and not os.environ.get("FUSED_LS_TRITON_LAUNCH"):
+        return candidates[0]
+    by_name = {config.name: config for config in candidates}
+    key = tuning.tuning_key(logits.device, V, logits.dtype, (weight is not None, softcap > 0, grad is not None,
+                                                             "split" if candidates[-1].kind == "split" else ""))
+    rows = tuning.trial_rows(N, V, device_shape(logits.device)[0])
+    per_row_scale = grad_scale is not None and grad_scale.numel() == N and N > 1
+
+    def trial(name):
+        # Scratch outputs on the first rows: the caller's buffers (and in-place logits) are
+        # never written by a trial.
+        head = logits[:rows]
+        loss, lse = head.new_empty(rows, dtype=lse_dtype(logits)), head.new_empty(rows, dtype=lse_dtype(logits))
+        scratch = None if grad is None else torch.empty_like(head, memory_format=torch.contiguous_format)
+        scale = grad_scale[:rows] if per_row_scale else grad_scale
+        smoothed_xent_rows_out(head, target[:rows], weight, weight_sum, scale, scratch, loss, lse, *args,
+                               config=by_name[name])
+        return loss, lse, scratch
+
+    return by_name[tuning.choose(key, list(by_name), trial, may_tune=_may_tune(logits))]
+
+
+def _may_tune(logits: torch.Tensor) -> bool:
+    """Timing syncs with the host: only on a GPU, and never while a CUDA graph is captured."""
+    return logits.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def lse_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 ROW_OPS = define_row_ops("_triton", _run_out)

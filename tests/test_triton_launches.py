@@ -1,0 +1,163 @@
+"""Every Triton launch the tuner may choose gives the same numbers, and the tuner checks a
+candidate before it trusts it, keeps its choice, obeys a pin, and never writes the caller's
+tensors. Under the interpreter on the CPU; tests/test_triton_targets.py compiles the same
+launches for sm_80/90/100."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from oracle import GRAD_TOL, LOSS_TOL, masses, truth
+
+pytest.importorskip("triton")
+from fused_ls import available_backends, smoothed_xent  # noqa: E402
+
+if "triton" not in available_backends("cuda" if torch.cuda.is_available() else "cpu"):
+    pytest.skip("the Triton backend cannot run here", allow_module_level=True)
+
+from fused_ls.triton import smoothed_xent as kernel  # noqa: E402
+from fused_ls.triton import tuning  # noqa: E402
+
+
+@pytest.fixture
+def small_blocks(monkeypatch, tmp_path):
+    """Launch sizes the interpreter runs quickly, so that every kind of launch is reached at
+    small V; a private tuning cache."""
+    monkeypatch.setattr(kernel, "MAX_SINGLE_BLOCK", 16)
+    monkeypatch.setattr(kernel, "CHUNKED_BLOCK", 16)
+    monkeypatch.setenv("FUSED_LS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSED_LS_TRITON_LAUNCH", raising=False)
+    tuning.forget()
+    yield
+    tuning.forget()
+
+
+def _rows(device, dtype, V, N=11):
+    logits = (torch.randn(N, V, dtype=torch.float64, device=device) * 3).to(dtype)
+    logits[3, : V // 2] = -math.inf  # a masked half-row: whole chunks of -inf
+    target = torch.randint(0, V, (N,), device=device)
+    target[1], target[2], target[5] = -100, V - 1, 0
+    target[3] = V - 1  # a finite target in the masked row
+    return logits, target
+
+
+@pytest.mark.parametrize("V", [29, 75])
+@pytest.mark.parametrize("features", ["plain", "weight and softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_candidate_launch_gives_the_oracles_numbers(small_blocks, device, V, features, dtype):
+    logits, target = _rows(device, dtype, V)
+    N = logits.shape[0]
+    weight = torch.rand(V, device=device) + 0.5 if features != "plain" else None
+    softcap = 6.0 if features != "plain" else 0.0
+    scale = torch.rand(N, device=device) + 0.5
+    k_s, k_t = masses(0.1, V, others=True)
+    kwargs = {"weight": weight, "softcap": softcap or None, "convention": "others", "z_loss": 1e-3}
+    true_rows, true_grad = truth(logits, target, 0.1, reduction="none", upstream=scale, **kwargs)
+    configs = kernel.candidate_configs(V, dtype, weight is not None, softcap > 0, split=True)
+    assert {"streamed", "persistent", "split"} <= {c.kind for c in configs}
+    # The split launch with segments the interpreter runs quickly: one turn of programs, and several.
+    configs += [kernel.LaunchConfig("split", 16, 4, 1), kernel.LaunchConfig("split", 16, 4, 8)]
+    for config in configs:
+        loss = torch.full((N,), math.nan, device=device)
+        lse = torch.full_like(loss, math.nan)
+        grad = torch.full_like(logits, math.nan)  # poisoned: an element nothing wrote stays NaN
+        weight_sum = None if weight is None else weight.sum()
+        kernel.smoothed_xent_rows_out(logits, target, weight, weight_sum, scale, grad, loss, lse,
+                                      k_s, k_t, -100, 1e-3, softcap, 1.0, config=config)
+        torch.testing.assert_close(loss.double(), true_rows, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1],
+                                   msg=lambda m, c=config: f"{c.name}: {m}")
+        torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1],
+                                   msg=lambda m, c=config: f"{c.name}: {m}")
+        assert (grad[1] == 0).all()  # an ignored row: zeros, its logits not read again
+
+
+def test_a_persistent_launch_takes_every_row_with_fewer_programs_than_rows(small_blocks, device):
+    config = kernel.LaunchConfig("persistent", 16, 4, programs_per_sm=1)
+    sms = kernel.device_shape(device)[0]
+    assert kernel.grid_size(config, 50, 40, torch.float32, device) == sms < 50
+    # Sized to L2: the rows in flight fill at most 3/4 of it.
+    l2 = kernel.LaunchConfig("persistent", 16, 4)
+    l2_bytes = kernel.device_shape(device)[1]
+    assert kernel.grid_size(l2, 10**6, 4096, torch.bfloat16, device) == (3 * l2_bytes // 4) // (4096 * 2)
+
+
+def _fake_outputs(value):
+    return (torch.full((3,), value), torch.zeros(3), torch.zeros(3, 4))
+
+
+def test_the_tuner_keeps_the_fastest_candidate_that_agrees_and_remembers_it(small_blocks):
+    times = {"default": 3.0, "wrong": 1.0, "fast": 2.0, "broken": 0.5}
+
+    def trial(name):
+        if name == "broken":
+            raise RuntimeError("cannot run here")
+        return _fake_outputs(2.0 if name == "wrong" else 1.0)
+
+    timed = []
+
+    def timer(fn):
+        name = ("default", "fast")[len(timed)]  # only the two that agree may be timed
+        timed.append(name)
+        return times[name]
+
+    choice = tuning.choose("key", list(times), trial, may_tune=True, timer=timer)
+    assert choice == "fast" and timed == ["default", "fast"]
+    assert tuning.cache_path().exists()
+    # A new process reads the choice from disk and does not tune again.
+    tuning.forget()
+    assert tuning.choose("key", list(times), lambda name: pytest.fail("tuned again"), may_tune=True) == "fast"
+
+
+def test_no_tuning_where_timing_would_sync_or_capture(small_blocks):
+    names = ["default", "other"]
+    assert tuning.choose("key", names, lambda name: pytest.fail("tuned"), may_tune=False) == "default"
+    assert not tuning.cache_path().exists()
+
+
+def test_a_pinned_launch_is_used_where_it_is_a_candidate(small_blocks, monkeypatch):
+    monkeypatch.setenv("FUSED_LS_TRITON_LAUNCH", "other")
+    assert tuning.choose("key", ["default", "other"], lambda n: pytest.fail("tuned"), may_tune=True) == "other"
+    with pytest.warns(UserWarning, match="not a launch"):
+        assert tuning.choose("key2", ["default"], lambda n: pytest.fail("tuned"), may_tune=True) == "default"
+
+
+def test_tuning_an_in_place_launch_never_writes_the_callers_logits(small_blocks, monkeypatch, device):
+    # As on a GPU (tuning on), with the interpreter's launches and a stand-in timer that
+    # favours the last candidate: the in-place gradient must still be the out-of-place one.
+    seen = []
+
+    def timer(fn):
+        fn()
+        seen.append(fn)
+        return 1.0 / len(seen)  # each candidate faster than the one before
+
+    monkeypatch.setattr(kernel, "_may_tune", lambda logits: True)
+    monkeypatch.setattr(tuning, "_cuda_time_ms", timer)
+    V = 75
+    logits, target = _rows(device, torch.float32, V)
+    logits[3] = torch.randn(V, device=device)
+    x = logits.clone().requires_grad_(True)
+    expected = torch.autograd.grad(smoothed_xent(x, target, 0.1, backend="torch"), x)[0]
+    h = logits.clone().requires_grad_(True)
+    produced = h * 1.0  # logits made by an op, so they may be overwritten
+    loss = smoothed_xent(produced, target, 0.1, backend="triton", inplace_backward=True)
+    (grad,) = torch.autograd.grad(loss, h)
+    assert len(seen) > 1, "the tuner did not run"
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_tuning_ahead_tunes_the_training_and_evaluation_launches_and_leaves_the_inputs(small_blocks, monkeypatch,
+                                                                                      device):
+    import fused_ls
+
+    monkeypatch.setattr(kernel, "_may_tune", lambda logits: True)
+    monkeypatch.setattr(tuning, "_cuda_time_ms", lambda fn: (fn(), 1.0)[1])
+    logits, target = _rows(device, torch.bfloat16, 75)
+    before = logits.clone()
+    fused_ls.tune(logits, target, 0.1, backend="triton", inplace_backward=True)
+    assert torch.equal(logits, before)
+    with_gradient = [key for key in tuning._CHOICES if key.endswith("|True|")]
+    loss_only = [key for key in tuning._CHOICES if key.endswith("|False|")]
+    assert len(with_gradient) == 1 and len(loss_only) == 1
