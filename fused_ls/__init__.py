@@ -9,7 +9,7 @@ from fused_ls.functional import SmoothedCrossEntropyLoss, smoothed_xent, tune
 from fused_ls.linear import SmoothedLinearCrossEntropyLoss, smoothed_linear_xent
 from fused_ls.reference import smoothed_xent_reference
 
-__version__ = "0.1.0"
+from fused_ls._version import __version__
 
 __all__ = [
     "smoothed_xent", "SmoothedCrossEntropyLoss", "smoothed_linear_xent", "SmoothedLinearCrossEntropyLoss",

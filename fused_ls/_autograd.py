@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fused_ls._library import define_op
+from fused_ls._row_op import elements_overlap
 from fused_ls._core import accumulation_dtype
 
 
@@ -44,18 +45,6 @@ def check_inplace_allowed(logits: torch.Tensor) -> None:
             f"inplace_backward needs logits whose elements do not share memory (got shape {tuple(logits.shape)}, "
             f"strides {logits.stride()}: expanded or unfolded); call .contiguous() first or drop inplace_backward"
         )
-
-
-def elements_overlap(tensor: torch.Tensor) -> bool:
-    """Whether two elements of `tensor` share memory: exact for any strides, where
-    torch._debug_has_internal_overlap answers "cannot tell" for unfolded views."""
-    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
-    span = 0  # the largest offset reachable with the dimensions of smaller stride
-    for stride, size in dims:
-        if stride <= span:
-            return True
-        span += stride * (size - 1)
-    return False
 
 
 def scale_saved_gradient(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
@@ -94,6 +83,9 @@ def _multiply_cpu(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def _multiply_cuda(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    if grad.dim() != 2 or (grad.stride(1) != 1 and grad.shape[1] > 1):
+        _multiply(grad, scale)  # the Triton kernel reads rows of unit stride
+        return
     try:
         from fused_ls.triton.smoothed_xent import scale_rows_ as triton_scale_rows_
     except Exception:  # noqa: BLE001  (no working Triton: the plain multiply is still right)

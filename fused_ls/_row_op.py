@@ -60,6 +60,45 @@ def row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
 
 
+def elements_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` may share memory. Exact for the layouts views make
+    (expand, unfold, slicing); for interleaved strides it errs towards "overlap", the safe side
+    for a write. torch._debug_has_internal_overlap answers "cannot tell" for unfolded views,
+    and torch.compile cannot trace it."""
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
+    span = 0  # the largest offset reachable with the dimensions of smaller stride
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def check_row_op_arguments(logits, target, weight, grad_scale, k_s, k_t, softcap) -> None:
+    """The contract's checks for the ops implemented in Python (the native ones check in
+    csrc/op_common.h): a wrong layout or size must raise, never read out of bounds."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"fused_ls: logits must be 2-D float32/bfloat16/float16/float64, got {logits.dtype} "
+                         f"of shape {tuple(logits.shape)}")
+    N, V = logits.shape
+    if V > 1 and logits.stride(1) != 1:
+        raise ValueError(f"fused_ls: logits must have unit stride along the classes, got strides {logits.stride()}")
+    if target.shape != (N,) or target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"fused_ls: target must be int64 or int32 of shape ({N},), got {target.dtype} "
+                         f"of shape {tuple(target.shape)}")
+    if weight is not None and (weight.shape != (V,) or not weight.is_floating_point()):
+        raise ValueError(f"fused_ls: weight must be floating point of shape ({V},), got {weight.dtype} "
+                         f"of shape {tuple(weight.shape)}")
+    if grad_scale is not None and not (grad_scale.numel() == 1 and grad_scale.dim() <= 1 or grad_scale.shape == (N,)):
+        raise ValueError(f"fused_ls: grad_scale must hold one element or {N}, got shape {tuple(grad_scale.shape)}")
+    for name, tensor in (("target", target), ("weight", weight), ("grad_scale", grad_scale)):
+        if tensor is not None and tensor.device != logits.device:
+            raise ValueError(f"fused_ls: {name} is on {tensor.device}, logits on {logits.device}")
+    if not (abs(k_s) < float("inf") and abs(k_t) < float("inf") and k_s >= 0) or softcap < 0:
+        raise ValueError(f"fused_ls: the masses must be finite with k_s >= 0 and softcap >= 0, got k_s={k_s}, "
+                         f"k_t={k_t}, softcap={softcap}")
+
+
 def _fake_rows(logits, *args):
     loss, lse = row_outputs(logits)
     return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -106,9 +145,8 @@ def allocating_row_ops(name: str, run_out: Callable) -> RowOps:
         return loss, lse, grad
 
     def rows_inplace(logits, target, weight, grad_scale, *options):
-        # Rows that share memory would each write the gradient of the others' logits. As
-        # at::assert_no_internal_overlap, only a certain overlap (1) is refused, not "cannot tell" (2).
-        if torch._debug_has_internal_overlap(logits) == 1:
+        # Rows that share memory would each write the gradient of the others' logits.
+        if elements_overlap(logits):
             raise RuntimeError(
                 "fused_ls: inplace_backward needs logits whose rows do not share memory "
                 f"(got shape {tuple(logits.shape)}, strides {logits.stride()}); "

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fused_ls._row_op import RowOptions, allocating_row_ops
+from fused_ls._row_op import RowOptions, allocating_row_ops, check_row_op_arguments
 
 # Rows are processed in blocks of at most this many logits, which bounds the float32
 # temporaries (about three blocks live at once: 3 x 128 MiB) whatever the batch.
@@ -91,6 +91,7 @@ def slice_gradient(x, weight, column, row_max, log_sum, p_coef, smooth_coef, tru
 def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
     """The row op's contract on one device: the whole row is one slice."""
     options = RowOptions(*scalars)
+    check_row_op_arguments(logits, target, weight, grad_scale, options.k_s, options.k_t, options.softcap)
     n_rows, V = logits.shape
     acc = loss.dtype
     target = target.long()
@@ -121,6 +122,8 @@ def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
     for rows in row_blocks(n_rows, V):
         slice_gradient(logits[rows], weight, column[rows], row_max[rows], log_sum[rows], p_coef[rows],
                        smooth_coef[rows], true_coef[rows], options, out=grad[rows])
+    # A row without a gradient is 0, also where a row of -inf logits made p NaN.
+    grad.masked_fill_(~active.unsqueeze(1), 0.0)
 
 
 EAGER_ROW_OPS = allocating_row_ops("torch", _run_out)

@@ -191,8 +191,9 @@ def tune(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.
     """
     with torch.enable_grad():
         x = logits.detach().requires_grad_(True)
-        smoothed_xent(x, target, label_smoothing, **{k: v for k, v in kwargs.items() if k != "inplace_backward"}
-                      ).backward()
+        out = smoothed_xent(x, target, label_smoothing, **{k: v for k, v in kwargs.items() if k != "inplace_backward"})
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward(torch.ones_like(loss))
     with torch.no_grad():
         smoothed_xent(logits.detach(), target, label_smoothing, **kwargs)
 

@@ -325,9 +325,9 @@ def _plant_in_triton_launcher(monkeypatch):
 
     original = launcher.smoothed_xent_rows_out
 
-    def rows_out(logits, target, weight, weight_sum, grad_scale, *args):
+    def rows_out(logits, target, weight, weight_sum, grad_scale, *args, **kwargs):
         target.nonzero()  # an aten op only the dispatch mode sees, inside the torch.library op
-        return original(logits, target, weight, weight_sum, grad_scale, *args)
+        return original(logits, target, weight, weight_sum, grad_scale, *args, **kwargs)
 
     monkeypatch.setattr(launcher, "smoothed_xent_rows_out", rows_out)
 

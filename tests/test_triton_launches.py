@@ -40,6 +40,8 @@ def _rows(device, dtype, V, N=11):
     target = torch.randint(0, V, (N,), device=device)
     target[1], target[2], target[5] = -100, V - 1, 0
     target[3] = V - 1  # a finite target in the masked row
+    logits[8] = -math.inf  # an ignored row of padding: all -inf, a gradient of 0
+    target[8] = -100
     return logits, target
 
 
@@ -55,6 +57,7 @@ def test_every_candidate_launch_gives_the_oracles_numbers(small_blocks, device, 
     k_s, k_t = masses(0.1, V, others=True)
     kwargs = {"weight": weight, "softcap": softcap or None, "convention": "others", "z_loss": 1e-3}
     true_rows, true_grad = truth(logits, target, 0.1, reduction="none", upstream=scale, **kwargs)
+    true_rows[8], true_grad[8] = 0.0, 0.0  # the oracle's NaN for a row of -inf; ignored: 0 by contract
     configs = kernel.candidate_configs(V, dtype, weight is not None, softcap > 0, split=True)
     assert {"streamed", "persistent", "split"} <= {c.kind for c in configs}
     # The split launch with segments the interpreter runs quickly: one turn of programs, and several.
@@ -138,6 +141,7 @@ def test_tuning_an_in_place_launch_never_writes_the_callers_logits(small_blocks,
     V = 75
     logits, target = _rows(device, torch.float32, V)
     logits[3] = torch.randn(V, device=device)
+    logits[8] = torch.randn(V, device=device)  # the oracle (PyTorch) gives a padding row of -inf a NaN gradient
     x = logits.clone().requires_grad_(True)
     expected = torch.autograd.grad(smoothed_xent(x, target, 0.1, backend="torch"), x)[0]
     h = logits.clone().requires_grad_(True)
@@ -161,3 +165,63 @@ def test_tuning_ahead_tunes_the_training_and_evaluation_launches_and_leaves_the_
     with_gradient = [key for key in tuning._CHOICES if key.endswith("|True|")]
     loss_only = [key for key in tuning._CHOICES if key.endswith("|False|")]
     assert len(with_gradient) == 1 and len(loss_only) == 1
+
+
+def test_tuning_is_off_with_autotune_0_even_where_a_choice_is_cached(small_blocks, monkeypatch):
+    tuning.choose("key", ["default", "fast"], lambda n: _fake_outputs(1.0), may_tune=True,
+                  timer=lambda fn: {"default": 2.0, "fast": 1.0}[fn.__defaults__[0]])
+    monkeypatch.setenv("FUSED_LS_AUTOTUNE", "0")
+    assert tuning.choose("key", ["default", "fast"], lambda n: pytest.fail("tuned"), may_tune=True) == "default"
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", "{not json", '{"key": 3}'])
+def test_an_unusable_cache_file_is_ignored(small_blocks, content):
+    tuning.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    tuning.cache_path().write_text(content)
+    assert tuning.choose("key", ["default", "other"], lambda n: pytest.fail("tuned"), may_tune=False) == "default"
+
+
+def test_no_home_directory_costs_the_disk_cache_only(small_blocks, monkeypatch):
+    monkeypatch.delenv("FUSED_LS_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(tuning.Path, "home", staticmethod(no_home))
+    times = {"default": 2.0, "fast": 1.0}
+    assert tuning.choose("key", list(times), lambda n: _fake_outputs(1.0), may_tune=True,
+                         timer=lambda fn: times[fn.__defaults__[0]]) == "fast"
+
+
+def test_an_empty_batch_is_not_tuned(small_blocks, monkeypatch, device):
+    monkeypatch.setattr(kernel, "_may_tune", lambda logits: True)
+    monkeypatch.setattr(tuning, "_cuda_time_ms", lambda fn: pytest.fail("tuned an empty batch"))
+    logits = torch.randn(0, 75, device=device, requires_grad=True)
+    smoothed_xent(logits, torch.zeros(0, dtype=torch.long, device=device), 0.1, reduction="sum",
+                  backend="triton").backward()
+    assert not tuning._CHOICES
+
+
+@pytest.mark.parametrize("kwargs", [{"reduction": "none"}, {"return_lse": True}, {"reduction": "sum"}])
+def test_tuning_ahead_takes_every_form_of_the_loss(small_blocks, device, kwargs):
+    import fused_ls
+
+    logits, target = _rows(device, torch.float32, 75)
+    fused_ls.tune(logits, target, 0.1, backend="triton", **kwargs)
+
+
+def test_scaling_a_saved_gradient_reads_its_strides_and_keeps_float64(device):
+    from fused_ls import _autograd
+
+    for dtype in (torch.float32, torch.float64):
+        grad = torch.randn(9, 6, dtype=dtype, device=device).t()  # rows of stride 6: not the kernel's layout
+        scale = torch.rand(6, dtype=dtype, device=device) + 0.5
+        expected = grad * scale.unsqueeze(1)
+        _autograd._multiply_cuda(grad, scale)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    grad = torch.randn(4, 33, dtype=torch.float64, device=device)
+    scale = torch.tensor([1 + 2**-40, 3.0, 1.0, -0.5], dtype=torch.float64, device=device)
+    expected = grad * scale.unsqueeze(1)
+    kernel.scale_rows_(grad, scale)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)  # no float32 rounding, no skipped 1 + 2^-40

@@ -60,7 +60,7 @@ class _ReportedTarget:
         return torch.device("cpu")
 
 
-def caught_launches() -> list[dict]:
+def caught_launches(vocabularies=VOCABULARIES, dtypes=DTYPES) -> list[dict]:
     """The (kernel, signature, constants, options) of every launch the launchers and the tuner
     can make: every candidate launch for each vocabulary, dtype and feature set."""
     from fused_ls.triton import linear as linear_kernels
@@ -74,8 +74,8 @@ def caught_launches() -> list[dict]:
 
     knobs.runtime.jit_cache_hook = catch
     try:
-        for dtype in DTYPES:
-            for V in VOCABULARIES:
+        for dtype in dtypes:
+            for V in vocabularies:
                 logits = torch.empty(2, V, dtype=dtype)
                 target = torch.zeros(2, dtype=torch.int64)
                 rows = torch.empty(2, dtype=torch.float32)
@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90, 100])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--vocabularies", type=int, nargs="+", default=list(VOCABULARIES))
+    parser.add_argument("--dtypes", nargs="+", default=[str(d).replace("torch.", "") for d in DTYPES])
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
@@ -161,7 +163,7 @@ def main() -> int:
     rows, failures = [], []
     for arch in args.arch:
         triton.runtime.driver.set_active(_ReportedTarget(arch))
-        for launch in caught_launches():
+        for launch in caught_launches(args.vocabularies, [getattr(torch, d) for d in args.dtypes]):
             options = {k: launch[k] for k in ("num_warps", "num_ctas", "num_stages", "launch_cooperative_grid")
                        if k in launch}
             name = launch["repr"]

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_ls._row_op import define_row_ops
+from fused_ls._row_op import check_row_op_arguments, define_row_ops
 from fused_ls.triton import tuning
 
 # By default rows up to this many logits are held in registers and read once; longer rows
@@ -137,7 +137,7 @@ def _one_row(
     # With L2_HINTS the first read asks L2 to keep the row for the second, which then lets
     # it go: the persistent schedule keeps the rows in flight within L2, so the second read
     # costs no DRAM traffic.
-    FIRST_READ: tl.constexpr = "evict_last" if L2_HINTS else ""
+    FIRST_READ: tl.constexpr = "evict_last" if L2_HINTS and WRITE_GRAD else ""
     SECOND_READ: tl.constexpr = "evict_first" if L2_HINTS else ""
 
     # Pass 1: max, sum of exp, D = sum of w (m - y) over c != t, and y_t.
@@ -203,6 +203,7 @@ def _one_row(
         if SINGLE_PASS:
             g = _row_gradient(y, w, offs0, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
                               inv_softcap, HAS_SOFTCAP)
+            g = tl.where(active, g, 0.0)  # also where a row of -inf made p NaN
             tl.store(grad_row + offs0, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
         elif active:
             for start in range(0, V, BLOCK):
@@ -265,7 +266,8 @@ def smoothed_xent_split_kernel(
     arrivals_ptr,      # (N,) int32, zero before the launch: segments of the row that published
     stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
     N, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
-    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, SEGMENTS: tl.constexpr,
+    SEGMENTS,          # segments a row has (the grid is a multiple of it)
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     SEGMENTS_POW2: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr,
     PHASE: tl.constexpr,  # 0: one cooperative launch; 1 then 2: two launches (the interpreter's split-phase mode)
 ):
@@ -348,6 +350,7 @@ def smoothed_xent_split_kernel(
                 g = _row_gradient(y, w, offs, t_lane, p_coef, tl.where(active, k_s, 0.0),
                                   tl.where(active, true_mass, 0.0), m, log_s, grad_scale, logit_scale, inv_softcap,
                                   HAS_SOFTCAP)
+                g = tl.where(active, g, 0.0)  # also where a row of -inf made p NaN
                 tl.store(grad_ptr + row * stride_grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty,
                                                                              EMULATE_RTNE_BF16), mask=mask)
 
@@ -358,17 +361,17 @@ def scale_rows_kernel(
     scale_ptr,         # (N,) per-row scale, any stride (0 for a broadcast scalar)
     stride_grad_row, stride_scale,
     V,
-    BLOCK: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr,
+    BLOCK: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    scale = tl.load(scale_ptr + row * stride_scale).to(ACC)
     # The usual upstream gradient of a scalar loss is exactly 1: decide on the device,
     # without a host sync, that there is nothing to do, and skip the memory traffic.
     if scale != 1.0:
         mask = col < V
         ptrs = grad_ptr + row * stride_grad_row + col
-        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         tl.store(ptrs, _to_output(g * scale, grad_ptr.dtype.element_ty, EMULATE_RTNE_BF16), mask=mask)
 
 
@@ -575,7 +578,7 @@ def _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss
             _grad_scale_stride(grad_scale, N) if write_grad else 0,
             N, V, ignore_index, k_s, k_t, z_loss, softcap if softcap > 0 else 1.0,
             1.0 / softcap if softcap > 0 else 1.0, logit_scale,
-            HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0, BLOCK=block, SEGMENTS=segments,
+            segments, HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0, BLOCK=block,
             SEGMENTS_POW2=triton.next_power_of_2(segments), ACC=tl.float64 if logits.dtype == torch.float64 else tl.float32,
             EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out), WRITE_GRAD=write_grad, PHASE=phase,
             num_warps=config.num_warps, **options,
@@ -600,7 +603,8 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         return
     block = min(triton.next_power_of_2(V), 4096)
     scale_rows_kernel[(N, triton.cdiv(V, block))](grad, scale, grad.stride(0), scale.stride(0), V,
-                                                       BLOCK=block, EMULATE_RTNE_BF16=_emulate_rtne(grad))
+                                                       BLOCK=block, EMULATE_RTNE_BF16=_emulate_rtne(grad),
+                                                       ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32)
 
 
 def _emulate_rtne(out: torch.Tensor) -> bool:
@@ -614,6 +618,7 @@ def _emulate_rtne(out: torch.Tensor) -> bool:
 
 def _run_out(logits, target, weight, grad_scale, grad, loss, lse, k_s, k_t, ignore_index, z_loss, softcap,
              logit_scale):
+    check_row_op_arguments(logits, target, weight, grad_scale, k_s, k_t, softcap)
     weight_sum = None
     if weight is not None:
         weight_sum = weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
@@ -627,6 +632,8 @@ def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -
     one candidate exists."""
     N, V = logits.shape
     softcap = args[4]
+    if N == 0:
+        return default_config(V, logits.dtype)  # nothing to launch, nothing to learn
     candidates = candidate_configs(V, logits.dtype, weight is not None, softcap > 0,
                                    split=split_launch_allowed(logits.device))
     if len(candidates) == 1 and not os.environ.get("FUSED_LS_TRITON_LAUNCH"):

@@ -44,11 +44,13 @@ def cache_path() -> Path:
 
 
 def tuning_key(device: torch.device, V: int, dtype: torch.dtype, features: Sequence) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     import triton
 
-    return "|".join([name, f"triton {triton.__version__}", str(V), str(dtype).replace("torch.", ""),
-                     *map(str, features)])
+    from fused_ls._version import __version__
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return "|".join([name, f"triton {triton.__version__}", f"fused_ls {__version__}", str(V),
+                     str(dtype).replace("torch.", ""), *map(str, features)])
 
 
 def _load_disk() -> None:
@@ -56,20 +58,22 @@ def _load_disk() -> None:
         return
     _LOADED["disk"] = True
     try:
-        _CHOICES.update(json.loads(cache_path().read_text()))
-    except (OSError, ValueError):
-        pass  # no cache yet, or an unreadable one: tune again
+        saved = json.loads(cache_path().read_text())
+    except Exception:  # noqa: BLE001  (no cache yet, no home directory, an unreadable file: tune again)
+        return
+    if isinstance(saved, dict):
+        _CHOICES.update({k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)})
 
 
 def _save_disk() -> None:
-    path = cache_path()
     try:
+        path = cache_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(_CHOICES, indent=1, sort_keys=True))
         temporary.replace(path)  # atomic: concurrent processes never read half a file
-    except OSError:
-        pass  # a read-only home: the choice still holds for this process
+    except Exception:  # noqa: BLE001  (a read-only or missing home: the choice still holds for this process)
+        pass
 
 
 def choose(key: str, names: Sequence[str], trial: Callable[[str], tuple], *, may_tune: bool,
@@ -86,12 +90,14 @@ def choose(key: str, names: Sequence[str], trial: Callable[[str], tuple], *, may
             _UNPINNED.add(key)
             warnings.warn(f"FUSED_LS_TRITON_LAUNCH={pinned!r} is not a launch for {key}; candidates: {list(names)}",
                           stacklevel=2)
+    if os.environ.get("FUSED_LS_AUTOTUNE", "1") == "0":
+        return names[0]
     if key in _CHOICES and _CHOICES[key] in names:
         return _CHOICES[key]
     _load_disk()
     if key in _CHOICES and _CHOICES[key] in names:
         return _CHOICES[key]
-    if not may_tune or len(names) == 1 or os.environ.get("FUSED_LS_AUTOTUNE", "1") == "0":
+    if not may_tune or len(names) == 1:
         return names[0]
     _CHOICES[key] = tune(names, trial, timer or _cuda_time_ms)
     _save_disk()
