@@ -9,6 +9,11 @@
 
 namespace {
 
+// The row-op contract this binary's kernels register for (fused_ls/native.py looks for it in
+// the file before importing it: a binary built for another contract would abort the process
+// when its registrations met the Python schemas). Bump with any change of the schemas.
+constexpr const char* kRowOpContract = "fused_ls row-op contract 2: masses as floats";
+
 #ifdef FUSED_LS_WITH_CUDA
 constexpr long kWithCuda = 1;
 #else
@@ -49,6 +54,7 @@ PyMODINIT_FUNC FUSED_LS_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) < 0 ||
+      PyModule_AddStringConstant(module, "ROW_OP_CONTRACT", kRowOpContract) < 0 ||
       PyModule_AddStringConstant(module, "CPU_KERNEL_ISAS", fused_ls::cpu::compiled_kernel_isas()) < 0) {
     Py_DECREF(module);
     return nullptr;

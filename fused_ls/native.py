@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from fused_ls._row_op import define_row_ops
 ROW_OPS = define_row_ops("")
 
 JIT_NAME = "fused_ls_C"
+# Must match kRowOpContract in csrc/ops.cpp.
+ROW_OP_CONTRACT = b"fused_ls row-op contract 2: masses as floats"
 
 # (module or None, why not); filled once per process by load().
 _STATE: dict[str, tuple[ModuleType | None, str]] = {}
@@ -57,16 +60,36 @@ def cpu_kernel_isa() -> str:
 
 
 def _import_or_build() -> tuple[ModuleType | None, str]:
-    try:
-        return importlib.import_module("fused_ls._C"), ""
-    except ImportError as exc:
-        installed_error = f"fused_ls._C is not importable ({exc})"
+    stale = _stale_extension()
+    if stale:
+        installed_error = stale
+    else:
+        try:
+            return importlib.import_module("fused_ls._C"), ""
+        except ImportError as exc:
+            installed_error = f"fused_ls._C is not importable ({exc})"
     if os.environ.get("FUSED_LS_NO_JIT") == "1":
         return None, f"{installed_error}, and FUSED_LS_NO_JIT=1 turns off the just-in-time build"
     try:
         return _build_just_in_time(), ""
     except Exception as exc:  # noqa: BLE001  (no compiler, no ninja, a compile error: the other backends still work)
         return None, f"{installed_error}, and the just-in-time build failed ({type(exc).__name__}: {exc})"
+
+
+def _stale_extension() -> str:
+    """Why the installed fused_ls._C must not be imported ("" if it may): one built from older
+    sources registers kernels for other schemas, and the dispatcher would abort the process."""
+    try:
+        spec = importlib.util.find_spec("fused_ls._C")
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return ""
+    with open(spec.origin, "rb") as binary:
+        if ROW_OP_CONTRACT in binary.read():
+            return ""
+    return (f"{spec.origin} was built from older sources than this fused_ls (rebuild it: pip install "
+            "--no-build-isolation -e . in the repository, or reinstall the package)")
 
 
 def cache_dir(with_cuda: bool) -> Path:

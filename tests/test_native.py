@@ -729,3 +729,22 @@ def test_every_instruction_set_variant_of_the_compensated_update_is_bit_for_bit_
         supported = order[: order.index(best) + 1] if best in order else ("default",)
         if capability in supported:
             assert result.stdout.strip() == capability.upper(), result.stdout
+
+
+@needs_native
+def test_an_extension_built_for_another_row_op_contract_is_not_imported(tmp_path):
+    # An extension left over from older sources would register kernels for other schemas, and
+    # the dispatcher would abort the whole process: it is recognised in the file, never imported.
+    script = "\n".join([
+        "import os",
+        "from fused_ls import native",
+        "native.ROW_OP_CONTRACT = b'fused_ls row-op contract 0'",
+        "ok, why = native.load()",
+        "assert not ok and 'built from older sources' in why and 'FUSED_LS_NO_JIT' in why, why",
+        "import sys; assert 'fused_ls._C' not in sys.modules",
+        "print('refused')",
+    ])
+    env = {**os.environ, "FUSED_LS_NO_JIT": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "refused" in result.stdout, result.stderr
