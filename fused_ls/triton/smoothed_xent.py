@@ -601,6 +601,8 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     N, V = grad.shape
     if N == 0 or V == 0:
         return
+    if V > 1 and grad.stride(1) != 1:
+        raise ValueError(f"fused_ls: scale_rows_ reads rows of unit stride, got strides {grad.stride()}")
     block = min(triton.next_power_of_2(V), 4096)
     scale_rows_kernel[(N, triton.cdiv(V, block))](grad, scale, grad.stride(0), scale.stride(0), V,
                                                        BLOCK=block, EMULATE_RTNE_BF16=_emulate_rtne(grad),
