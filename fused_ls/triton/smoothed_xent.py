@@ -112,6 +112,25 @@ def _row_gradient(y, w, offs, t, p_coef, k_s, true_mass, m, log_s, grad_scale, l
 
 
 @triton.jit
+def _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t, z_loss, in_range, ignored):
+    """(loss, lse, log s, p_coef, k_s, k_t w_t) of a row from its statistics; the last three are
+    0 on a row without a gradient (ignored, or a target out of range)."""
+    log_s = tl.log(s)
+    lse = m + log_s
+    true_mass = k_t * w_t
+    total_mass = k_s * weight_sum + true_mass
+    # A term whose mass is 0 is exactly 0, even when its distance is +inf (a masked class).
+    q_t = (k_s + k_t) * w_t
+    smooth_term = k_s * tl.where(k_s != 0.0, d, 0.0)
+    true_term = q_t * tl.where(q_t != 0.0, m - y_t, 0.0)
+    loss = total_mass * log_s + smooth_term + true_term + z_loss * lse * lse
+    active = in_range & ~ignored
+    p_coef = tl.where(active, total_mass + 2.0 * z_loss * lse, 0.0)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+    return loss, lse, log_s, p_coef, tl.where(active, k_s, 0.0), tl.where(active, true_mass, 0.0)
+
+
+@triton.jit
 def _one_row(
     row, logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr, loss_ptr, lse_ptr,
     stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
@@ -176,21 +195,10 @@ def _one_row(
             r = r_new
             y_t += tl.sum(tl.where(offs == t_lane, yc, 0.0), axis=0)
 
-    log_s = tl.log(s)
-    lse = m + log_s
-    true_mass = k_t * w_t
-    total_mass = k_s * weight_sum + true_mass
-    # A term whose mass is 0 is exactly 0, even when its distance is +inf (a masked class).
-    q_t = (k_s + k_t) * w_t
-    smooth_term = k_s * tl.where(k_s != 0.0, d, 0.0)
-    true_term = q_t * tl.where(q_t != 0.0, m - y_t, 0.0)
-    loss = total_mass * log_s + smooth_term + true_term + z_loss * lse * lse
+    loss, lse, log_s, p_coef, k_s_row, true_mass = _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t, z_loss,
+                                                             in_range, ignored)
     # An ignored row and a row with an out-of-range target get a zero gradient.
     active = in_range & ~ignored
-    p_coef = tl.where(active, total_mass + 2.0 * z_loss * lse, 0.0)
-    k_s_row = tl.where(active, k_s, 0.0)
-    true_mass = tl.where(active, true_mass, 0.0)
-    loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
 
@@ -331,25 +339,16 @@ def smoothed_xent_split_kernel(
             else:
                 weight_sum = V * 1.0
                 w_t = 1.0
-            log_s = tl.log(s)
-            lse = m + log_s
-            true_mass = k_t * w_t
-            total_mass = k_s * weight_sum + true_mass
-            q_t = (k_s + k_t) * w_t
-            smooth_term = k_s * tl.where(k_s != 0.0, d, 0.0)
-            true_term = q_t * tl.where(q_t != 0.0, m - y_t, 0.0)
-            loss = total_mass * log_s + smooth_term + true_term + z_loss * lse * lse
+            loss, lse, log_s, p_coef, k_s_row, true_mass = _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t,
+                                                                     z_loss, in_range, ignored)
             active = in_range & ~ignored
-            loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
             if segment == 0:
                 tl.store(loss_ptr + row, loss)
                 tl.store(lse_ptr + row, lse)
             if WRITE_GRAD:
-                p_coef = tl.where(active, total_mass + 2.0 * z_loss * lse, 0.0)
                 grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
-                g = _row_gradient(y, w, offs, t_lane, p_coef, tl.where(active, k_s, 0.0),
-                                  tl.where(active, true_mass, 0.0), m, log_s, grad_scale, logit_scale, inv_softcap,
-                                  HAS_SOFTCAP)
+                g = _row_gradient(y, w, offs, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
+                                  inv_softcap, HAS_SOFTCAP)
                 g = tl.where(active, g, 0.0)  # also where a row of -inf made p NaN
                 tl.store(grad_ptr + row * stride_grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty,
                                                                              EMULATE_RTNE_BF16), mask=mask)
