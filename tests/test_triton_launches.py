@@ -225,3 +225,20 @@ def test_scaling_a_saved_gradient_reads_its_strides_and_keeps_float64(device):
     expected = grad * scale.unsqueeze(1)
     kernel.scale_rows_(grad, scale)
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)  # no float32 rounding, no skipped 1 + 2^-40
+
+
+def test_a_decided_launch_is_looked_up_not_decided_again_and_a_new_pin_still_wins(small_blocks, monkeypatch, device):
+    monkeypatch.setattr(kernel, "_may_tune", lambda logits: True)
+    monkeypatch.setattr(tuning, "_cuda_time_ms", lambda fn: (fn(), 1.0)[1])
+    logits, target = _rows(device, torch.float32, 75)
+    smoothed_xent(logits, target, 0.1, backend="triton")  # no grad needed: the loss-only launch, tuned
+    original = tuning.choose
+    monkeypatch.setattr(tuning, "choose", lambda *a, **k: pytest.fail("decided again"))
+    smoothed_xent(logits, target, 0.1, backend="triton")
+    monkeypatch.setattr(tuning, "choose", original)
+    monkeypatch.setenv("FUSED_LS_TRITON_LAUNCH", "streamed-b2048-w4")
+    chosen = []
+    monkeypatch.setattr(kernel, "smoothed_xent_rows_out",
+                        lambda *a, config=None, **k: chosen.append(config.name))
+    smoothed_xent(logits, target, 0.1, backend="triton")
+    assert chosen == ["streamed-b2048-w4"]

@@ -635,6 +635,12 @@ def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -
     softcap = args[4]
     if N == 0:
         return default_config(V, logits.dtype)  # nothing to launch, nothing to learn
+    # A decided launch is one dict look-up per call (a pin or FUSED_LS_AUTOTUNE=0 is read anew).
+    settings = (os.environ.get("FUSED_LS_TRITON_LAUNCH"), os.environ.get("FUSED_LS_AUTOTUNE"),
+                os.environ.get("FUSED_LS_UNVALIDATED_LAUNCHES"))
+    memo_key = (logits.device, V, logits.dtype, weight is not None, softcap > 0, grad is not None, settings)
+    if memo_key in _DECIDED:
+        return _DECIDED[memo_key]
     candidates = candidate_configs(V, logits.dtype, weight is not None, softcap > 0,
                                    split=split_launch_allowed(logits.device))
     if len(candidates) == 1 and not os.environ.get("FUSED_LS_TRITON_LAUNCH"):
@@ -656,7 +662,15 @@ def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -
                                config=by_name[name])
         return loss, lse, scratch
 
-    return by_name[tuning.choose(key, list(by_name), trial, may_tune=_may_tune(logits))]
+    chosen = by_name[tuning.choose(key, list(by_name), trial, may_tune=_may_tune(logits))]
+    if key in tuning.decided():  # tuned now or before: final (an untuned default, as during capture, is not)
+        _DECIDED[memo_key] = chosen
+    return chosen
+
+
+# (device, V, dtype, features, settings) -> the launch decided for them in this process.
+_DECIDED: dict[tuple, LaunchConfig] = {}
+tuning._FORGET_HOOKS.append(_DECIDED.clear)
 
 
 def _may_tune(logits: torch.Tensor) -> bool:

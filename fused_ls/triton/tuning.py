@@ -148,6 +148,11 @@ def _cuda_time_ms(fn: Callable[[], None]) -> float:
     return statistics.median(times)
 
 
+def decided() -> dict[str, str]:
+    """The tuned choices of this process (read from disk or timed here)."""
+    return _CHOICES
+
+
 def trial_rows(num_rows: int, V: int, sms: int) -> int:
     """Rows a trial runs on: all of them, or enough for 4 rows an SM within _TRIAL_ELEMENTS."""
     return max(1, min(num_rows, max(4 * sms, _TRIAL_ELEMENTS // max(V, 1))))
@@ -157,3 +162,9 @@ def forget() -> None:
     """Drop this process's choices (tests; a changed environment)."""
     _CHOICES.clear()
     _LOADED["disk"] = False
+    for hook in _FORGET_HOOKS:
+        hook()
+
+
+# Callables that drop what was derived from the choices (the launcher's per-call memo).
+_FORGET_HOOKS: list = []
