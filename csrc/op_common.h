@@ -92,8 +92,10 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
     TORCH_CHECK(weight->device() == logits.device(), "fused_ls: weight is on ", weight->device(), ", logits on ",
                 logits.device());
     out.weight = weight->to(acc).contiguous();
-    // Summed in the weight's own precision (float32 at least), as the Triton launcher does.
-    const at::ScalarType sum_dtype = weight->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    // In double when the logits or the weights are double, else float: the rule of every
+    // backend (class_weight_sum in fused_ls/_row_op.py).
+    const bool wide = weight->scalar_type() == at::kDouble || logits.scalar_type() == at::kDouble;
+    const at::ScalarType sum_dtype = wide ? at::kDouble : at::kFloat;
     out.weight_sum = weight->sum(sum_dtype).to(acc);
   }
   if (grad_scale.has_value()) {

@@ -9,7 +9,9 @@
 `logits` (N, V) has unit stride along V; `target` (N,) int64/int32 and `weight` (V,) are read
 with their strides; `grad_scale` holds one element (every row's gradient times it) or N (row
 i's times entry i: an upstream gradient folded in before the single rounding). loss_rows and
-lse are (N,) float32 (float64 for float64 logits); grad has the logits' dtype. Ignored rows:
+lse are (N,) float32 (float64 for float64 logits); grad has the logits' dtype. The class
+weights' sum W is taken in float64 when the logits or the weights are float64, else float32
+(`class_weight_sum`; the C++ kernels follow the same rule). Ignored rows:
 loss 0, gradient 0; a target outside [0, V) is never dereferenced: loss NaN, gradient 0. The
 scalars are RowOptions (fused_ls._core), the convention already turned into the masses k_s and
 k_t (fused_ls.conventions). The maths: docs/maths.md.
@@ -58,6 +60,12 @@ def row_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = logits.shape[0]
     return logits.new_empty(n, dtype=dtype), logits.new_empty(n, dtype=dtype)
+
+
+def class_weight_sum(weight: torch.Tensor, logits_dtype: torch.dtype) -> torch.Tensor:
+    """0-d sum of the class weights, in float64 if either operand is float64, else float32."""
+    wide = torch.float64 in (weight.dtype, logits_dtype)
+    return weight.sum(dtype=torch.float64 if wide else torch.float32)
 
 
 def elements_overlap(tensor: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fused_ls._row_op import RowOptions, allocating_row_ops, check_row_op_arguments
+from fused_ls._row_op import RowOptions, allocating_row_ops, check_row_op_arguments, class_weight_sum
 
 # Rows are processed in blocks of at most this many logits, which bounds the float32
 # temporaries (about three blocks live at once: 3 x 128 MiB) whatever the batch.
@@ -99,9 +99,9 @@ def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
     active = valid & (target >= 0) & (target < V)
     column = torch.where(active, target, torch.zeros_like(target))  # never an index out of range
     if weight is not None:
+        weight_sum = class_weight_sum(weight, logits.dtype).to(acc)
         weight = weight.to(acc)
         w_t = weight[column] * active
-        weight_sum = weight.sum()
     else:
         w_t = active.to(acc)
         weight_sum = float(V)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_ls._row_op import check_row_op_arguments, define_row_ops
+from fused_ls._row_op import check_row_op_arguments, class_weight_sum, define_row_ops
 from fused_ls.triton import tuning
 
 # By default rows up to this many logits are held in registers and read once; longer rows
@@ -622,7 +622,7 @@ def _run_out(logits, target, weight, grad_scale, grad, loss, lse, k_s, k_t, igno
     check_row_op_arguments(logits, target, weight, grad_scale, k_s, k_t, softcap)
     weight_sum = None
     if weight is not None:
-        weight_sum = weight.sum(dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        weight_sum = class_weight_sum(weight, logits.dtype)
     args = (k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
     config = _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args)
     smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse, *args, config=config)
