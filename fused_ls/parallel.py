@@ -63,13 +63,14 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from fused_ls import _core, backends
 from fused_ls._autograd import check_inplace_allowed, refuse_create_graph, scale_saved_gradient
-from fused_ls._core import RowOptions, accumulation_dtype, mean_gradient_scale, reduce_rows
+from fused_ls._core import RowOptions, accumulation_dtype, mean_gradient_scale, not_ignored, reduce_rows
 from fused_ls.eager import row_blocks, slice_gradient, slice_statistics
 
 # Statistics per row in the gathered buffer: m_r, log s_r, L_r, w_t,r.
@@ -176,86 +177,30 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         n_rows, local_size = logits.shape
         acc_dtype = accumulation_dtype(logits.dtype)
         options = plan.options
-        k_s, k_t, z_loss = options.k_s, options.k_t, options.z_loss
-
-        target = target.long()
-        valid = target != options.ignore_index
-        active = valid & (target >= 0) & (target < plan.vocab_size)  # rows that get a loss
-        local_target = target - plan.vocab_start
-        owned = active & (local_target >= 0) & (local_target < local_size)
-        column = torch.where(owned, local_target, torch.zeros_like(local_target))  # safe index
-
-        # This rank's contribution, laid out for the gather: [m_r | log s_r | L_r | w_t,r | W_r].
-        sent = logits.new_empty(_ROW_STATS * n_rows + 1, dtype=acc_dtype)
-        max_local, log_sum_local, loss_local, w_t_local = sent[:-1].view(_ROW_STATS, n_rows).unbind(0)
-        if weight is None:
-            w_t_local.copy_(owned)
-            sent[-1] = local_size
-        else:
-            w_t_local.copy_(weight[column] * owned if local_size else owned)
-            sent[-1] = weight.sum()
-        if local_size == 0:
-            max_local.fill_(-math.inf)
-            log_sum_local.fill_(-math.inf)
-            loss_local.zero_()
-        for rows in row_blocks(n_rows, local_size):
-            slice_statistics(
-                logits[rows], weight, column[rows], owned[rows], w_t_local[rows], sent[-1], options,
-                out_max=max_local[rows], out_log_sum=log_sum_local[rows], out_loss=loss_local[rows],
-            )
-
-        world = dist.get_world_size(plan.group)
-        gathered = sent.new_empty(world * sent.numel())
-        _all_gather(gathered, sent, plan.group)
-        gathered = gathered.view(world, -1)
-        max_ranks, log_sum_ranks, loss_ranks, w_t_ranks = gathered[:, :-1].view(world, _ROW_STATS, n_rows).unbind(1)
-        weight_sum_ranks = gathered[:, -1:]
-
-        # lse = m + log s as on one device; lse - lse_r = (m - m_r) + (log s - log s_r) is formed
-        # from small differences, never as a difference of two large lse values.
-        row_max = max_ranks.amax(dim=0)
-        below_max = max_ranks - row_max  # m_r - m <= 0, exact
-        log_sum = torch.logsumexp(below_max + log_sum_ranks, dim=0)
-        lse = row_max + log_sum
-        slice_mass = k_s * weight_sum_ranks + k_t * w_t_ranks  # Q_r
-        # An empty slice has lse_r = -inf and no mass: its term is 0, not 0 * inf.
-        gap = (log_sum - log_sum_ranks) - below_max  # lse - lse_r >= 0
-        recentre = torch.where(slice_mass != 0, slice_mass * gap, 0.0)
-        loss_rows = (loss_ranks + recentre).sum(dim=0) + z_loss * lse.square()
-        nan = torch.full((), math.nan, dtype=acc_dtype, device=logits.device)
-        loss_rows = torch.where(valid, torch.where(active, loss_rows, nan), 0.0)
-        weight_sum = weight_sum_ranks.sum()
-        w_t = w_t_ranks.sum(dim=0)
+        rows = slice_targets(target, options.ignore_index, plan.vocab_start, local_size, plan.vocab_size)
+        stats = row_statistics(logits, weight, rows, options, plan.group)
 
         if plan.reduction == "mean":
-            grad_scale = mean_gradient_scale(valid, normalizer, None if weight is None else w_t.sum(), acc_dtype)
+            weight_of_targets = None if weight is None else stats.w_t.sum()
+            grad_scale = mean_gradient_scale(rows.valid, normalizer, weight_of_targets, acc_dtype)
         else:
             grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
-
-        # Per-row gradient coefficients, with the mean's 1/denominator and logit_scale folded in.
-        row_factor = torch.where(active, grad_scale * options.logit_scale, 0.0)
-        p_coef = (k_s * weight_sum + k_t * w_t + 2.0 * z_loss * lse) * row_factor
-        smooth_coef = k_s * row_factor
-        true_coef = torch.where(owned, k_t * w_t, 0.0) * row_factor
         if plan.inplace:
             grad = logits
         else:
             grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        for rows in row_blocks(n_rows, local_size):
-            slice_gradient(
-                logits[rows], weight, column[rows], row_max[rows], log_sum[rows], p_coef[rows], smooth_coef[rows],
-                true_coef[rows], options, out=grad[rows],
-            )
+        write_gradient(logits, weight, rows, stats, grad_scale, options, out=grad)
 
+        loss_rows = stats.loss_rows
         loss = reduce_rows(loss_rows, plan.reduction, grad_scale)
         # With reduction="none", rows without a gradient get no upstream (inf included), as in PyTorch.
-        ctx.save_for_backward(grad, *((active,) if plan.reduction == "none" else ()))
+        ctx.save_for_backward(grad, *((rows.active,) if plan.reduction == "none" else ()))
         # A tensor normalizer n that requires grad is differentiated: d(sum / n)/dn = -sum / n^2.
         ctx.normalizer_grad = None
         if plan.reduction == "mean" and normalizer is not None and ctx.needs_input_grad[3]:
             ctx.normalizer_grad = -loss_rows.sum() * grad_scale.square()
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        ctx.mark_non_differentiable(stats.lse)
+        return loss, stats.lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
@@ -268,6 +213,138 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         return grad, None, None, grad_normalizer, None
 
 
+# ----------------------------------------------------------------------------- the shared steps
+# The steps below serve the logits path above and the vocabulary-parallel linear head
+# (fused_ls.linear), which runs them once per chunk of tokens.
+
+
+class SliceTargets(NamedTuple):
+    """Where each row's target lies relative to this rank's slice."""
+
+    valid: torch.Tensor  # not ignore_index: counted by a mean
+    active: torch.Tensor  # valid and within [0, V): the rows that get a loss and a gradient
+    owned: torch.Tensor  # active and within this rank's slice
+    column: torch.Tensor  # the target's index within the slice where owned, else 0 (a safe index)
+
+    def __getitem__(self, rows):  # the same view of a block of rows
+        return SliceTargets(*(t[rows] for t in self))
+
+
+class RowStatistics(NamedTuple):
+    """What the gathered statistics give every rank, per row (and W, per call)."""
+
+    row_max: torch.Tensor  # m
+    log_sum: torch.Tensor  # log s, so lse = m + log s
+    lse: torch.Tensor
+    loss_rows: torch.Tensor  # the row's loss (0 if ignored, NaN if its target is out of range)
+    w_t: torch.Tensor  # the target's class weight (1 without weights, 0 for an inactive row)
+    weight_sum: torch.Tensor  # W = sum_c w_c over the whole vocabulary (0-d)
+
+
+def slice_targets(target, ignore_index, vocab_start, local_size, vocab_size) -> SliceTargets:
+    target = target.long()
+    valid = not_ignored(target, ignore_index)
+    active = valid & (target >= 0) & (target < vocab_size)
+    local_target = target - vocab_start
+    owned = active & (local_target >= 0) & (local_target < local_size)
+    column = torch.where(owned, local_target, torch.zeros_like(local_target))
+    return SliceTargets(valid, active, owned, column)
+
+
+def row_statistics(logits, weight, rows: SliceTargets, options: RowOptions, group) -> RowStatistics:
+    """This rank's statistics of (n, V_r) logits, one all-gather, and the global row statistics.
+
+    `weight` is this rank's (V_r,) slice of the class weights in the accumulation dtype, or None.
+    Every rank of `group` must call it with the same number of rows."""
+    n_rows, local_size = logits.shape
+    acc_dtype = accumulation_dtype(logits.dtype)
+    k_s, k_t = options.k_s, options.k_t
+    column, owned = rows.column, rows.owned
+
+    # This rank's contribution, laid out for the gather: [m_r | log s_r | L_r | w_t,r | W_r].
+    sent = logits.new_empty(_ROW_STATS * n_rows + 1, dtype=acc_dtype)
+    max_local, log_sum_local, loss_local, w_t_local = sent[:-1].view(_ROW_STATS, n_rows).unbind(0)
+    if weight is None:
+        w_t_local.copy_(owned)
+        sent[-1] = local_size
+    else:
+        w_t_local.copy_(weight[column] * owned if local_size else owned)
+        sent[-1] = weight.sum()
+    if local_size == 0:
+        max_local.fill_(-math.inf)
+        log_sum_local.fill_(-math.inf)
+        loss_local.zero_()
+    for block in row_blocks(n_rows, local_size):
+        slice_statistics(
+            logits[block], weight, column[block], owned[block], w_t_local[block], sent[-1], options,
+            out_max=max_local[block], out_log_sum=log_sum_local[block], out_loss=loss_local[block],
+        )
+
+    world = dist.get_world_size(group)
+    gathered = sent.new_empty(world * sent.numel())
+    _all_gather(gathered, sent, group)
+    gathered = gathered.view(world, -1)
+    max_ranks, log_sum_ranks, loss_ranks, w_t_ranks = gathered[:, :-1].view(world, _ROW_STATS, n_rows).unbind(1)
+    weight_sum_ranks = gathered[:, -1:]
+
+    # lse = m + log s as on one device; lse - lse_r = (m - m_r) + (log s - log s_r) is formed
+    # from small differences, never as a difference of two large lse values.
+    row_max = max_ranks.amax(dim=0)
+    below_max = max_ranks - row_max  # m_r - m <= 0, exact
+    log_sum = torch.logsumexp(below_max + log_sum_ranks, dim=0)
+    lse = row_max + log_sum
+    slice_mass = k_s * weight_sum_ranks + k_t * w_t_ranks  # Q_r
+    # An empty slice has lse_r = -inf and no mass: its term is 0, not 0 * inf.
+    gap = (log_sum - log_sum_ranks) - below_max  # lse - lse_r >= 0
+    recentre = torch.where(slice_mass != 0, slice_mass * gap, 0.0)
+    loss_rows = (loss_ranks + recentre).sum(dim=0) + options.z_loss * lse.square()
+    nan = torch.full((), math.nan, dtype=acc_dtype, device=logits.device)
+    loss_rows = torch.where(rows.valid, torch.where(rows.active, loss_rows, nan), 0.0)
+    return RowStatistics(row_max, log_sum, lse, loss_rows, w_t_ranks.sum(dim=0), weight_sum_ranks.sum())
+
+
+def write_gradient(logits, weight, rows: SliceTargets, stats: RowStatistics, row_scale, options: RowOptions, *, out):
+    """d(loss_i)/d(logits_i) times row_scale (0-d, or one per row) into `out` (may be `logits`),
+    from the global statistics: no collective. Inactive rows get 0 whatever their scale."""
+    n_rows, local_size = logits.shape
+    # Per-row gradient coefficients, with the mean's 1/denominator and logit_scale folded in.
+    row_factor = torch.where(rows.active, row_scale * options.logit_scale, 0.0)
+    p_coef = (options.k_s * stats.weight_sum + options.k_t * stats.w_t + 2.0 * options.z_loss * stats.lse) * row_factor
+    smooth_coef = (options.k_s * row_factor).expand(n_rows)
+    true_coef = torch.where(rows.owned, options.k_t * stats.w_t, 0.0) * row_factor
+    for block in row_blocks(n_rows, local_size):
+        slice_gradient(
+            logits[block], weight, rows.column[block], stats.row_max[block], stats.log_sum[block], p_coef[block],
+            smooth_coef[block], true_coef[block], options, out=out[block],
+        )
+
+
+def target_weight_sum(target, ignore_index, weight, vocab_start, vocab_size, group, dtype) -> torch.Tensor:
+    """sum_i w_{t_i} over the non-ignored rows, with the class weights split over the ranks:
+    each rank sums the targets it holds; one all-gather of one number per rank."""
+    rows = slice_targets(target, ignore_index, vocab_start, weight.shape[0], vocab_size)
+    local = (weight.to(dtype)[rows.column] * rows.owned).sum() if weight.shape[0] else weight.new_zeros((), dtype=dtype)
+    world = dist.get_world_size(group)
+    gathered = local.new_empty(world)
+    _all_gather(gathered, local.reshape(1), group)
+    return gathered.sum()
+
+
+def vocab_slice(group, local_size, vocab_start, vocab_size, device) -> tuple[int, int]:
+    """(this rank's first class, the global number of classes), checked or gathered once."""
+    if (vocab_start is None) != (vocab_size is None):
+        raise ValueError("pass both vocab_start and vocab_size, or neither (then they are gathered once)")
+    if vocab_start is None:
+        return _gathered_layout(group, local_size, device)
+    vocab_start, vocab_size = int(vocab_start), int(vocab_size)
+    if vocab_start < 0 or vocab_start + local_size > vocab_size:
+        raise ValueError(
+            f"this rank's classes [{vocab_start}, {vocab_start + local_size}) do not fit in vocab_size={vocab_size}"
+        )
+    return vocab_start, vocab_size
+
+
+
 def _all_gather(output: torch.Tensor, local: torch.Tensor, group) -> None:
     """Concatenate every rank's `local` into `output` (torch >= 2.13 renamed the op)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -278,16 +355,7 @@ def _vocab_slice(group, local_size, vocab_start, vocab_size, logits) -> tuple[in
     """(this rank's first class, the global number of classes)."""
     if local_size is None:
         return 0, 1  # not a tensor with a class dimension: _check_arguments says so
-    if (vocab_start is None) != (vocab_size is None):
-        raise ValueError("pass both vocab_start and vocab_size, or neither (then they are gathered once)")
-    if vocab_start is None:
-        return _gathered_layout(group, local_size, logits.device)
-    vocab_start, vocab_size = int(vocab_start), int(vocab_size)
-    if vocab_start < 0 or vocab_start + local_size > vocab_size:
-        raise ValueError(
-            f"this rank's classes [{vocab_start}, {vocab_start + local_size}) do not fit in vocab_size={vocab_size}"
-        )
-    return vocab_start, vocab_size
+    return vocab_slice(group, local_size, vocab_start, vocab_size, logits.device)
 
 
 def _gathered_layout(group, local_size: int, device: torch.device) -> tuple[int, int]:
