@@ -17,6 +17,7 @@ import torch
 from fused_ls.demo.experiment import NUM_BINS, PRESETS, Setting, make_split, preset_dict, train_and_evaluate
 from fused_ls.demo.idx import DEBIAN_DIR, DatasetNotFoundError, load_fashion_mnist
 from fused_ls.demo.report import outcome, pooled_bins, reliability_figure, setting_dict, summarize, table
+from fused_ls.demo.yolo import MODELS as YOLO_MODELS  # imports Ultralytics only when a YOLO demo runs
 
 SCHEMA = "fused_ls.demo/1"
 
@@ -53,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
             "values and label-noise rates, over several seeds, and measure on the clean test set: accuracy,\n"
             "NLL, 15-bin ECE (torchmetrics), mean confidence, before and after temperature scaling fitted on\n"
             "a held-out split of the training images. Writes results.json and reliability.png.\n\n"
-            f"presets:\n{presets}"
+            "--model yolo11n-cls trains Ultralytics' YOLO11n classifier instead (pip install \"fused_ls[ultralytics]\"),\n"
+            "as Ultralytics ships it (no smoothing: its loss ignores label_smoothing) and with smoothed_xent, on\n"
+            "clean labels, by default one seed, eps 0.1 (others), offline; see docs/ultralytics.md.\n\n"
+            f"presets (MLP):\n{presets}"
         ),
     )
     parser.add_argument("--data", default=DEBIAN_DIR,
@@ -61,29 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
                              "from the Debian package dataset-fashion-mnist)")
     parser.add_argument("--out", default="demo_out", help="folder for results.json and reliability.png "
                         "(default: %(default)s)")
+    parser.add_argument("--model", choices=("mlp", *YOLO_MODELS), default="mlp",
+                        help="the classifier: the demo's MLP, or an Ultralytics YOLO classifier built from its YAML "
+                             "(default: %(default)s)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="overconfident",
-                        help="what is trained, on how much data, for how long (default: %(default)s)")
+                        help="MLP: what is trained, on how much data, for how long (default: %(default)s)")
     parser.add_argument("--smoothing", type=_floats, default=[0.0, 0.1],
                         help="label-smoothing values, comma-separated (default: 0,0.1)")
-    parser.add_argument("--convention", choices=("uniform", "others", "both"), default="uniform",
+    parser.add_argument("--convention", choices=("uniform", "others", "both"), default=None,
                         help="how smoothing spreads eps: 'uniform' (PyTorch, eps/C to every class) or 'others' "
-                             "(eps/(C-1) to every wrong class) (default: %(default)s)")
-    parser.add_argument("--noise", type=_floats, default=[0.0, 0.4],
+                             "(eps/(C-1) to every wrong class) (default: uniform for the MLP, others for YOLO)")
+    parser.add_argument("--noise", type=_floats, default=None,
                         help="symmetric label-noise rates: that fraction of the training labels moved to a "
-                             "uniformly random other class, comma-separated (default: 0,0.4)")
+                             "uniformly random other class, comma-separated (default: 0,0.4; MLP only)")
     parser.add_argument("--clean-holdout", action="store_true",
                         help="fit the temperature on the held-out split's clean labels, even under label noise "
                              "(default: its labels carry the same noise as the training labels)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting, N >= 2 (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds 0..N-1 per setting (default: 3 for the MLP, N >= 2; 1 for YOLO)")
     group = parser.add_argument_group("overrides of the preset")
     group.add_argument("--train-size", type=int)
     group.add_argument("--holdout-size", type=int, help="training images kept out to fit the temperature")
     group.add_argument("--hidden", type=_widths, help="hidden widths, e.g. 256,256, or 'none' for a linear model")
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float, help="Adam learning rate")
+    group.add_argument("--lr", type=float, help="Adam learning rate (AdamW for YOLO)")
+    group.add_argument("--test-size", type=int, help="YOLO: the first N test images (default 10000)")
+    group.add_argument("--imgsz", type=int, help="YOLO: input size, a multiple of 32 (default 32)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: %(default)s). A second thread can help on idle cores, "
+                        help="MLP: torch CPU threads (default: %(default)s; Ultralytics picks its own). A second "
+                             "thread can help on idle cores, "
                              "but on cores shared with other jobs two threads ran this demo 5-10x slower than one "
                              "(OpenMP threads spin waiting for each other); with more threads, set "
                              "OMP_WAIT_POLICY=PASSIVE")
@@ -153,6 +164,16 @@ def environment(backend: str, device: torch.device, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model != "mlp":
+        from fused_ls.demo.yolo import main as yolo_main
+
+        return yolo_main(args, parser, sys.argv[1:] if argv is None else argv)
+    for option in ("test_size", "imgsz"):
+        if getattr(args, option) is not None:
+            parser.error(f"--{option.replace('_', '-')} is for --model {YOLO_MODELS[0]}")
+    args.seeds = 3 if args.seeds is None else args.seeds
+    args.convention = args.convention or "uniform"
+    args.noise = [0.0, 0.4] if args.noise is None else args.noise
     overrides = {k: getattr(args, k) for k in ("train_size", "holdout_size", "hidden", "epochs", "batch_size", "lr")
                  if getattr(args, k) is not None}
     preset = dataclasses.replace(PRESETS[args.preset], **overrides)

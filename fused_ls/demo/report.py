@@ -19,8 +19,10 @@ SPARSE_BIN_SHARE = 0.001  # reliability-diagram bins with fewer predictions than
 CALIBRATED_WITHIN = 0.01  # |mean confidence - accuracy| below this reads as "close to calibrated"
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values)}  # std over seeds, n - 1
+def mean_std(values: list[float]) -> dict[str, float | None]:
+    """Mean and standard deviation over seeds (n - 1); one seed has no measured spread: std None."""
+    values = list(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -44,11 +46,13 @@ def pooled_bins(runs: list[dict], stage: str) -> dict[str, list]:
 
 
 def _pm(stat: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if stat["std"] is None:
+        return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
 def table(results: list[dict]) -> str:
-    """Markdown table, mean ± std over seeds, clean test set."""
+    """Markdown table, mean ± std over seeds (the mean alone for one seed), clean test set."""
     head = (
         "| setting | accuracy % | NLL | ECE (15 bins) | confidence % | T | NLL after TS | ECE after TS "
         "| confidence after TS % |"
