@@ -60,9 +60,12 @@ Work, memory and traffic per step (N tokens, C per chunk, b bytes per element)
 
 from __future__ import annotations
 
-import torch
+from typing import NamedTuple
 
-from fused_ls import _core, backends
+import torch
+import torch.distributed as dist
+
+from fused_ls import _core, backends, parallel
 from fused_ls._autograd import refuse_create_graph, scale_saved_gradient
 from fused_ls._core import accumulation_dtype, reduce_rows
 from fused_ls._library import define_op
@@ -120,6 +123,10 @@ def smoothed_linear_xent(
     chunk_size: int | None = None,
     grad_accumulation: str = "fp32",
     backend: str = "auto",
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ):
     r"""Smoothed cross-entropy of ``hidden @ weight.T + bias``, never holding more than a chunk of it.
 
@@ -151,6 +158,23 @@ def smoothed_linear_xent(
               the GEMM, one rounding per chunk): no extra memory and no extra pass, the
               gradient rounded once per chunk. What torch's chunked
               ``F.linear_cross_entropy`` ("compact") and Liger-Kernel do by default.
+        process_group: a torch.distributed group over which the LM head is split by output
+            rows (Megatron's vocabulary-parallel head): each rank passes its slice ``(V_r, H)``
+            of ``weight`` (and ``(V_r,)`` of ``bias`` and ``class_weight``), holding classes
+            ``[vocab_start, vocab_start + V_r)`` in rank order, and the same ``hidden``,
+            ``target`` and ``normalizer`` as every other rank. Every rank gets the loss of one
+            device holding the whole head, the gradients of its slices, and (see
+            ``reduce_hidden_grad``) the gradient of ``hidden``. ``chunk_size`` must be the same
+            on every rank. See docs/vocab-parallel.md.
+        vocab_start, vocab_size: with ``process_group``, this rank's first class and the global
+            number of classes, as in :func:`fused_ls.smoothed_xent`; if omitted, gathered once
+            per group and local size (one host sync).
+        reduce_hidden_grad: with ``process_group``: True (default) all-reduces the gradient of
+            ``hidden`` over the group, so that every rank holds the single-device gradient; False
+            leaves each rank its partial product ``dL/dlogits_r @ weight_r``, for a caller whose
+            own autograd already sums it over the ranks (Megatron's
+            ``copy_to_tensor_model_parallel_region``, or a sequence-parallel gather whose
+            backward reduce-scatters): summing it twice would multiply it by the group size.
 
     Returns:
         As :func:`fused_ls.smoothed_xent`: the loss in float32 (float64 for float64 inputs),
@@ -162,6 +186,17 @@ def smoothed_linear_xent(
     zero gradients, as in ``smoothed_xent``. Under ``torch.autocast`` the inputs are cast to
     the autocast dtype first, as ``F.linear`` would.
     """
+    if process_group is not None:
+        return _vocab_parallel_head(
+            hidden, weight, target, bias, label_smoothing, class_weight=class_weight, ignore_index=ignore_index,
+            reduction=reduction, convention=convention, z_loss=z_loss, z_loss_denominator=z_loss_denominator,
+            softcap=softcap, logit_scale=logit_scale, normalizer=normalizer, return_lse=return_lse,
+            chunk_size=chunk_size, grad_accumulation=grad_accumulation, backend=backend, group=process_group,
+            vocab_start=vocab_start, vocab_size=vocab_size, reduce_hidden_grad=reduce_hidden_grad,
+        )
+    if vocab_start is not None or vocab_size is not None or reduce_hidden_grad is not True:
+        raise ValueError("vocab_start, vocab_size and reduce_hidden_grad describe a head split over ranks: "
+                         "they need process_group")
     _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulation)
     V, H = weight.shape
     device_type = hidden.device.type
@@ -349,6 +384,200 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
     return torch.cat(losses), torch.cat(lses), grad_hidden, grad_weight, grad_bias
 
 
+# ----------------------------------------------------------------------------- the head split over ranks
+
+
+class _ParallelHead(NamedTuple):
+    """What every chunk of the vocabulary-parallel sweep needs besides the tensors."""
+
+    chunk: int
+    grad_accumulation: str
+    group: object
+    vocab_start: int
+    vocab_size: int
+    options: _core.RowOptions
+    reduction: str
+    reduce_hidden_grad: bool
+
+
+def _vocab_parallel_head(hidden, weight, target, bias, label_smoothing, *, class_weight, ignore_index, reduction,
+                         convention, z_loss, z_loss_denominator, softcap, logit_scale, normalizer, return_lse,
+                         chunk_size, grad_accumulation, backend, group, vocab_start, vocab_size, reduce_hidden_grad):
+    """smoothed_linear_xent with the head's rows split over `group` (docs/vocab-parallel.md)."""
+    if z_loss_denominator != "weight":
+        raise ValueError("z_loss_denominator='tokens' is not available with process_group")
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
+    _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulation, min_classes=0)
+    local_size, H = weight.shape
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    start, V = parallel.vocab_slice(group, local_size, vocab_start, vocab_size, hidden.device)
+    logits_like = hidden.new_empty(()).expand(*hidden.shape[:-1], local_size)
+    _core.check_arguments(logits_like, target, label_smoothing, class_weight, reduction, convention, z_loss, softcap,
+                          logit_scale, num_classes=V, ignore_index=ignore_index, normalizer=normalizer,
+                          backend=backend)
+    if _core.is_functorch_wrapped(hidden) or _core.is_functorch_wrapped(weight):
+        raise ValueError("smoothed_linear_xent cannot run under torch.func transforms (vmap, grad, ...)")
+    softcap = _core.effective_softcap(softcap)
+    _core.check_targets(target, V, ignore_index)  # CPU only
+
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    hidden2d = hidden.reshape(-1, H)
+    target1d = target.reshape(-1)
+    if class_weight is not None:
+        class_weight = class_weight.to(acc_dtype)
+    if reduction == "mean":
+        # The mean's denominator is folded into every chunk's gradient, so it is needed before
+        # the first chunk. Only the sum of the targets' class weights is not known locally:
+        # one all-gather of one number per rank.
+        weight_of_targets = None
+        if class_weight is not None and normalizer is None:
+            weight_of_targets = parallel.target_weight_sum(target1d, ignore_index, class_weight, start, V, group,
+                                                           acc_dtype)
+        if normalizer is not None:
+            normalizer = _core.normalizer_tensor(normalizer, acc_dtype, hidden.device)
+        grad_scale = _core.mean_gradient_scale(_core.not_ignored(target1d, ignore_index), normalizer,
+                                               weight_of_targets, acc_dtype)
+    else:
+        grad_scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
+    # Every rank must cut the tokens into the same chunks (one gather each): the default is
+    # computed from the largest slice, ceil(V / world), not from this rank's own.
+    world = dist.get_world_size(group)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden2d.shape[0], H, -(-V // world))
+    options = _core.row_options(convention, label_smoothing, V, ignore_index, z_loss, softcap, logit_scale)
+    head = _ParallelHead(chunk, grad_accumulation, group, start, V, options, reduction, reduce_hidden_grad)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    loss, lse = _VocabParallelLinearSmoothedXent.apply(hidden2d, weight, bias, target1d, class_weight, grad_scale,
+                                                       head, needs)
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    if return_lse:
+        return loss, lse.view(target.shape)
+    return loss
+
+
+class _VocabParallelLinearSmoothedXent(torch.autograd.Function):
+    """As _LinearSmoothedXent: the forward finishes every gradient (a scalar loss) or keeps the
+    inputs and the global row statistics for a recomputing backward ("none")."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, head: _ParallelHead, needs):
+        ctx.head = head
+        ctx.loss_sum = None
+        if head.reduction == "none":
+            # The per-row upstream gradient arrives only in backward: recompute the logits there,
+            # from the global statistics gathered now (no collective but the hidden all-reduce).
+            stats, *_ = _parallel_sweep(hidden, weight, bias, target, class_weight, None, None, head,
+                                        False, False, False)
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight, *stats)
+            ctx.mark_non_differentiable(stats.lse)
+            return stats.loss_rows, stats.lse
+        stats, grad_hidden, grad_weight, grad_bias = _parallel_sweep(
+            hidden, weight, bias, target, class_weight, grad_scale, None, head, *needs)
+        loss = reduce_rows(stats.loss_rows, head.reduction, grad_scale)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.loss_sum = stats.loss_rows.sum() if head.reduction == "mean" and ctx.needs_input_grad[5] else None
+        ctx.mark_non_differentiable(stats.lse)
+        return loss, stats.lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        refuse_create_graph("smoothed_linear_xent (vocabulary parallel)")
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        head = ctx.head
+        if head.reduction == "none":
+            hidden, weight, bias, target, class_weight, *stats = ctx.saved_tensors
+            row_scale = grad_loss.reshape(-1).to(accumulation_dtype(hidden.dtype))
+            _, grad_hidden, grad_weight, grad_bias = _parallel_sweep(
+                hidden, weight, bias, target, class_weight, row_scale, parallel.RowStatistics(*stats), head,
+                need_hidden, need_weight, need_bias,
+            )
+        else:
+            grad_hidden, grad_weight, grad_bias = (
+                scale_saved_gradient(g, grad_loss) if need else None
+                for g, need in zip(ctx.saved_tensors, (need_hidden, need_weight, need_bias))
+            )
+        grad_grad_scale = None if ctx.loss_sum is None else ctx.loss_sum * grad_loss
+        return grad_hidden, grad_weight, grad_bias, None, None, grad_grad_scale, None, None
+
+
+def _parallel_sweep(hidden, weight, bias, target, class_weight, row_scale, saved, head: _ParallelHead,
+                    need_hidden, need_weight, need_bias):
+    """One pass over the token chunks with this rank's slice of the head: (row statistics,
+    dL/dh, dL/dW_r, dL/db_r), each gradient None unless asked for.
+
+    Without `saved`, each chunk's logits are reduced to their statistics and gathered (one
+    all-gather per chunk) before its gradient is formed from the same logits; with `saved`
+    (the statistics of an earlier sweep), no collective but the hidden gradient's all-reduce.
+    `row_scale` (0-d, or one per row) multiplies each row's gradient."""
+    N, H = hidden.shape
+    local_size = weight.shape[0]
+    options = head.options
+    acc_dtype = accumulation_dtype(hidden.dtype)
+    rows = parallel.slice_targets(target, options.ignore_index, head.vocab_start, local_size, head.vocab_size)
+    need_grad = need_hidden or need_weight or need_bias
+    if saved is None:
+        saved = parallel.RowStatistics(*(hidden.new_empty(N, dtype=acc_dtype) for _ in range(5)),
+                                       weight_sum=hidden.new_zeros((), dtype=acc_dtype))
+        gather = True
+    else:
+        gather = False
+    bias_acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_hidden = _empty(N, H, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    grad_weight = _WeightGradient(weight, head.grad_accumulation) if need_weight else None
+    grad_bias = torch.zeros(local_size, dtype=bias_acc_dtype, device=weight.device) if need_bias else None
+    compiling = torch.compiler.is_compiling()
+    buffer = None if compiling else _empty(min(head.chunk, N), local_size, dtype=hidden.dtype, device=hidden.device)
+    weight_t = weight.t()
+    with _no_autocast(hidden.device.type):
+        for start in range(0, N, head.chunk):
+            block = slice(start, min(start + head.chunk, N))
+            h = hidden[block]
+            if buffer is None:
+                logits = torch.mm(h, weight_t) if bias is None else torch.addmm(bias, h, weight_t)
+            else:
+                logits = buffer[: h.shape[0]]
+                if bias is None:
+                    torch.mm(h, weight_t, out=logits)
+                else:
+                    torch.addmm(bias, h, weight_t, out=logits)
+            if gather:
+                stats = parallel.row_statistics(logits, class_weight, rows[block], options, head.group)
+                for kept, new in zip(saved[:5], stats[:5]):
+                    kept[block] = new
+                saved.weight_sum.copy_(stats.weight_sum)
+            else:
+                stats = parallel.RowStatistics(*(t[block] for t in saved[:5]), weight_sum=saved.weight_sum)
+            if not need_grad:
+                continue
+            scale = row_scale if row_scale.dim() == 0 else row_scale[block]
+            parallel.write_gradient(logits, class_weight, rows[block], stats, scale, options, out=logits)
+            grad = logits
+            if need_hidden:
+                if buffer is None:
+                    grad_hidden[block] = torch.mm(grad, weight)
+                else:
+                    torch.mm(grad, weight, out=grad_hidden[block])
+            if need_weight:
+                grad_weight.add_transposed_product(grad, h)
+            if need_bias:
+                grad_bias += grad.sum(0, dtype=bias_acc_dtype)
+    del buffer
+    if grad_hidden is not None and head.reduce_hidden_grad:
+        dist.all_reduce(grad_hidden, group=head.group)  # sum_r dL/dlogits_r @ W_r: the whole gradient
+    if grad_weight is not None:
+        grad_weight = grad_weight.result()
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
+    return saved, grad_hidden, grad_weight, grad_bias
+
+
 class _WeightGradient:
     """dL/dW = sum over chunks of grad_chunk.T @ h_chunk, summed as `grad_accumulation` says."""
 
@@ -448,14 +677,14 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
-def _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulation):
+def _check_head(hidden, weight, bias, class_weight, chunk_size, grad_accumulation, min_classes=1):
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be tensors")
     if hidden.dim() < 1:
         raise ValueError(f"hidden must have a feature dimension (..., H), got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < min_classes:
         raise ValueError(
-            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= {min_classes}, "
             f"got shape {tuple(weight.shape)}"
         )
     if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
