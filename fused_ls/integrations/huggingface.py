@@ -134,7 +134,20 @@ def use_smoothed_xent(trainer, **kwargs: Any):
 _HEAD_KEYWORDS = frozenset({"convention", "z_loss", "z_loss_denominator", "chunk_size", "grad_accumulation", "backend"})
 # Those of them smoothed_xent also takes: the loss of a forward without gradients, from the logits.
 _LOGITS_KEYWORDS = frozenset({"convention", "z_loss", "z_loss_denominator", "backend"})
-_MISSING = object()
+
+
+class _Missing:
+    """'Nothing was there', one object even in copies of a patched model (copy and pickle
+    keep a module global by name), so that ``is _MISSING`` holds in them too."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+    def __repr__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclasses.dataclass
@@ -288,7 +301,7 @@ def _check_causal_lm(model) -> None:
     causal = set()
     for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         causal.update([names] if isinstance(names, str) else names)
-    if type(model).__name__ not in causal:
+    if not any(cls.__name__ in causal for cls in type(model).__mro__):  # subclasses of one too
         raise ValueError(
             f"use_fused_linear_head needs a causal LM of transformers' AutoModelForCausalLM mapping (its loss "
             f"shifts the labels by one position), got {type(model).__name__}"
