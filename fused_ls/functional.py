@@ -9,6 +9,8 @@ backward helpers in fused_ls._autograd.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from fused_ls import _core, backends
@@ -105,7 +107,7 @@ def smoothed_xent(
     ``create_graph=True`` (a second derivative, a gradient penalty) raises; use
     ``backend="torch"`` for that.
     """
-    if process_group is not None:
+    if process_group is not None or _is_dtensor(logits):
         from fused_ls.parallel import smoothed_xent_vocab_parallel
 
         if recompute_backward or z_loss_denominator != "weight":
@@ -167,6 +169,13 @@ def smoothed_xent(
     if return_lse:
         return loss, lse.view(target.shape)
     return loss
+
+
+def _is_dtensor(tensor) -> bool:
+    # DTensor logits (sharded on the classes) take the vocabulary-parallel path; with
+    # torch.distributed.tensor never imported, no DTensor exists and the check is free.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def _backend_for(backend: str, logits: torch.Tensor) -> str:

@@ -61,6 +61,7 @@ lse and the per-row coefficients (p_coef, k_s, k_t w_t) instead of computing the
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -123,6 +124,13 @@ def smoothed_xent_vocab_parallel(
     gives each rank the gradient of that loss with respect to its slice. ``normalizer``
     must be the same on every rank. One all-gather per call (see the module docstring).
     """
+    if is_dtensor(logits):
+        return _smoothed_xent_dtensor(
+            logits, target, label_smoothing, process_group=process_group, weight=weight, ignore_index=ignore_index,
+            reduction=reduction, convention=convention, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
+            normalizer=normalizer, return_lse=return_lse, inplace_backward=inplace_backward, vocab_start=vocab_start,
+            vocab_size=vocab_size, backend=backend,
+        )
     if process_group is None:
         raise ValueError("process_group is required: the group over which the classes are split")
     if backend != "auto" and backend not in backends.BACKENDS:
@@ -186,7 +194,9 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         else:
             grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
         if plan.inplace:
-            grad = logits
+            # The logits' own memory, saved without their autograd view metadata: a view made by
+            # a custom Function (DTensor.to_local) and then overwritten could not be unpacked.
+            grad = logits.detach()
         else:
             grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         write_gradient(logits, weight, rows, stats, grad_scale, options, out=grad)
@@ -211,6 +221,99 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         grad = scale_saved_gradient(grad, grad_loss)
         grad_normalizer = None if ctx.normalizer_grad is None else ctx.normalizer_grad * grad_loss
         return grad, None, None, grad_normalizer, None
+
+
+# ----------------------------------------------------------------------------- DTensor logits
+
+
+def is_dtensor(tensor) -> bool:
+    """A torch.distributed.tensor.DTensor? Free when that module was never imported: then none exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def dtensor_class_slice(logits) -> tuple[object, int, int, int]:
+    """(mesh, mesh dim, first class, local classes) of DTensor logits sharded on their last dim.
+
+    Shard places torch.chunk's pieces: ceil(V / n) classes per rank in mesh order, the last
+    ranks shorter or empty. The local tensor is checked against that layout."""
+    placements = tuple(logits.placements)
+    class_dim = logits.dim() - 1
+    on_classes = [i for i, p in enumerate(placements) if p.is_shard() and class_dim >= 0 and p.dim % logits.dim() == class_dim]
+    others = [p for i, p in enumerate(placements) if i not in on_classes and not p.is_replicate()]
+    if len(on_classes) != 1 or others:
+        raise ValueError(
+            "smoothed_xent takes DTensor logits sharded on the class (last) dimension over one mesh dimension and "
+            f"replicated over the others, as loss parallelism produces them; got placements {placements} for "
+            f"shape {tuple(logits.shape)} (pass logits.full_tensor() for replicated logits)"
+        )
+    mesh = logits.device_mesh
+    mesh_dim = on_classes[0]
+    world, rank = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
+    V = logits.shape[-1]
+    per_rank = -(-V // world)
+    start = min(rank * per_rank, V)
+    local_size = min(start + per_rank, V) - start
+    if logits.to_local().shape[-1] != local_size:
+        raise ValueError(
+            f"rank {rank} of mesh dimension {mesh_dim} holds {logits.to_local().shape[-1]} classes, not the "
+            f"{local_size} of Shard's even split of {V} (ceil(V / {world}) per rank): a layout not supported here"
+        )
+    return mesh, mesh_dim, start, local_size
+
+
+def _replicated(tensor, name: str):
+    """The local value of a tensor every rank holds in full: a plain tensor, or a replicated DTensor."""
+    if not is_dtensor(tensor):
+        return tensor
+    if not all(p.is_replicate() for p in tensor.placements):
+        raise ValueError(f"{name} must be the same on every rank: a plain tensor or a DTensor with Replicate "
+                         f"placements, got {tuple(tensor.placements)}")
+    return tensor.to_local()
+
+
+def _class_weight_slice(weight, mesh_dim: int, V: int, start: int, local_size: int):
+    """This rank's slice of the class weights: from a DTensor sharded like the logits' classes
+    (Shard(0) on their mesh dimension), or sliced from the whole (V,) weights every rank holds
+    (a plain tensor or a replicated DTensor, as loss_parallel takes them)."""
+    if is_dtensor(weight):
+        sharded = [i for i, p in enumerate(weight.placements) if p.is_shard(0)]
+        rest_replicated = all(p.is_replicate() for i, p in enumerate(weight.placements) if i not in sharded)
+        if sharded == [mesh_dim] and rest_replicated and weight.shape == (V,):
+            return weight.to_local()
+    weight = _replicated(weight, "weight (or a DTensor sharded on the classes like the logits)")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != V:
+        raise ValueError(f"weight must be a 1-D tensor of the {V} class weights")
+    return weight[start:start + local_size]
+
+
+def _smoothed_xent_dtensor(logits, target, label_smoothing, *, process_group, weight, normalizer, return_lse,
+                           inplace_backward, vocab_start, vocab_size, **options):
+    """smoothed_xent of DTensor logits sharded on the classes: the vocabulary-parallel path with
+    the group and the slice read off the DTensor, the loss (and lse) a replicated DTensor."""
+    if process_group is not None or vocab_start is not None or vocab_size is not None:
+        raise ValueError("DTensor logits carry their group and class slice: pass no process_group, vocab_start "
+                         "or vocab_size")
+    tensor_module = sys.modules["torch.distributed.tensor"]
+    mesh, mesh_dim, start, local_size = dtensor_class_slice(logits)
+    if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
+        # The local tensor is a view made without autograd: the leaf check must look at the DTensor.
+        base = logits._base if logits._base is not None else logits
+        if base.is_leaf:
+            raise ValueError("inplace_backward would overwrite a leaf DTensor (or a view of one) that requires grad; "
+                             "use it on logits produced by an op (for example the LM head)")
+    V = logits.shape[-1]
+    if weight is not None:
+        weight = _class_weight_slice(weight, mesh_dim, V, start, local_size)
+    out = smoothed_xent_vocab_parallel(
+        logits.to_local(), _replicated(target, "target"), label_smoothing, process_group=mesh.get_group(mesh_dim),
+        weight=weight, normalizer=_replicated(normalizer, "normalizer"), return_lse=return_lse,
+        inplace_backward=inplace_backward, vocab_start=start, vocab_size=V, **options,
+    )
+    replicate = [tensor_module.Replicate()] * mesh.ndim
+    # Every rank holds bitwise the same loss: replicated, with no check (it would communicate).
+    wrap = lambda t: tensor_module.DTensor.from_local(t, mesh, replicate, run_check=False)  # noqa: E731
+    return tuple(wrap(t) for t in out) if return_lse else wrap(out)
 
 
 # ----------------------------------------------------------------------------- the shared steps
