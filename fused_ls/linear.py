@@ -46,6 +46,18 @@ rounded once: what an fp32 accumulator rounded at the end gives, at half its mem
 in fp32 from the GEMM on CUDA (``torch.mm(out_dtype=)``); on the CPU, which has no such
 GEMM, it is rounded once to the inputs' dtype first. dL/db is summed in fp32 (V floats).
 
+Split over ranks
+----------------
+With process_group, rank r holds rows [start_r, start_r + V_r) of W and b, and the same h and
+targets as every other rank. Each chunk's logits give the rank its slice's row statistics;
+fused_ls.parallel gathers them (one all-gather per chunk, 16 bytes per row per rank) and
+turns them into the global lse and the gradient coefficients, so the chunk's slice of g is
+formed from the logits already in hand, exactly as on one device, and spent on
+dL/dW_r = g_r^T h and dL/db_r. dL/dh = sum_r g_r W_r is summed by one all-reduce at the end
+(or left to the caller: reduce_hidden_grad=False). A first sweep of statistics, one gather
+and a recomputing second sweep would save the per-chunk gathers at the price of a fourth
+GEMM, a third more FLOPs than the gathers' latency costs (docs/vocab-parallel.md).
+
 Work, memory and traffic per step (N tokens, C per chunk, b bytes per element)
 -----------------------------------------------------------------------------
     flops:   3 x 2NVH, as the materialised path (forward, dL/dh, dL/dW); 4 x for "none"

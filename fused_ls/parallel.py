@@ -56,6 +56,12 @@ blocks of rows, float32 accumulation, bounded temporaries): the fused kernels co
 own lse and cannot take the global one. A fused kernel for this path would be the existing one split at its
 reduction: a statistics pass writing (m_r, log s_r, L_r) per row, and a gradient pass reading
 lse and the per-row coefficients (p_coef, k_s, k_t w_t) instead of computing them.
+
+The steps (slice_targets, row_statistics, write_gradient) are functions of their own: the
+vocabulary-parallel linear head (fused_ls.linear) runs them on each chunk of tokens. DTensor
+logits sharded on the classes come here from smoothed_xent with no extra argument: the group
+and the slice are read off the mesh and Shard's ceil-divided layout, and the loss is returned
+as a replicated DTensor, as loss_parallel returns it.
 """
 
 from __future__ import annotations
@@ -239,7 +245,8 @@ def dtensor_class_slice(logits) -> tuple[object, int, int, int]:
     ranks shorter or empty. The local tensor is checked against that layout."""
     placements = tuple(logits.placements)
     class_dim = logits.dim() - 1
-    on_classes = [i for i, p in enumerate(placements) if p.is_shard() and class_dim >= 0 and p.dim % logits.dim() == class_dim]
+    on_classes = [i for i, p in enumerate(placements)
+                  if p.is_shard() and class_dim >= 0 and p.dim % logits.dim() == class_dim]
     others = [p for i, p in enumerate(placements) if i not in on_classes and not p.is_replicate()]
     if len(on_classes) != 1 or others:
         raise ValueError(

@@ -128,7 +128,8 @@ def _full_inputs(case: dict, world: int, generator: torch.Generator):
 def _truth(hidden, weight, bias, target, eps, class_weight, upstream, kwargs):
     """Loss, lse and the gradients of hidden, weight, bias and the logits: one process, float64,
     from the same (possibly rounded) inputs."""
-    leaves = [t.to(torch.float64, copy=True).requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    inputs = (hidden, weight) + ((bias,) if bias is not None else ())
+    leaves = [t.to(torch.float64, copy=True).requires_grad_(True) for t in inputs]
     logits = F.linear(leaves[0], leaves[1], leaves[2] if bias is not None else None)
     logits.retain_grad()
     normalizer = kwargs.get("normalizer")
@@ -189,9 +190,10 @@ def _assert_close(actual, expected, bound, what):
                                    msg=lambda m: f"{what}: {m}")
         return
     error = (actual - expected).abs()
+    bound = torch.as_tensor(bound, dtype=error.dtype).expand_as(error)
     worst = (error - bound).argmax()
     assert bool((error <= bound).all()), (
-        f"{what}: error {error.flatten()[worst].item():.3g} beyond its bound {torch.as_tensor(bound).expand_as(error).flatten()[worst].item():.3g}")
+        f"{what}: error {error.flatten()[worst].item():.3g} beyond its bound {bound.flatten()[worst].item():.3g}")
 
 
 def _run_case(case: dict, rank: int, world: int, group, generator: torch.Generator) -> list[str]:
