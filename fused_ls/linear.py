@@ -96,7 +96,8 @@ SLAB_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
 # smoothed_xent's options less the two about the logits buffer, which the head owns.
 _HEAD_OPTIONS = _core.OPTION_KEYWORDS - {"inplace_backward", "recompute_backward"}
-_MODULE_KEYWORDS = _HEAD_OPTIONS | {"class_weight", "return_lse", "chunk_size", "grad_accumulation"}
+_MODULE_KEYWORDS = _HEAD_OPTIONS | {"class_weight", "return_lse", "chunk_size", "grad_accumulation", "process_group",
+                                    "vocab_start", "vocab_size", "reduce_hidden_grad"}
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from fused_ls import smoothed_linear_xent, smoothed_xent_reference
+from fused_ls import SmoothedLinearCrossEntropyLoss, smoothed_linear_xent, smoothed_xent_reference
 
 WORLD_SIZES = (2, 4)
 HIDDEN = 6
@@ -81,6 +81,7 @@ CASES = {
     "int32_targets": dict(int32_targets=True, shape=(2, 7)),
     "backward_twice_with_retain_graph": dict(backward_twice=True, kwargs=dict(reduction="none")),
     "float32_within_its_error_bound": dict(dtype=torch.float32, chunk_size=4),
+    "module_form": dict(module=True, weight=True, kwargs=dict(convention="others")),
 }
 
 # name -> (exception type, a fragment of its message, extra keywords); raised on every rank.
@@ -215,9 +216,16 @@ def _run_case(case: dict, rank: int, world: int, group, generator: torch.Generat
     w = weight[start:stop].clone().requires_grad_(True)
     b = None if bias is None else bias[start:stop].clone().requires_grad_("bias" not in frozen)
     cw = None if class_weight is None else class_weight[start:stop]
+    head = smoothed_linear_xent
+    if case.get("module"):
+        head = SmoothedLinearCrossEntropyLoss(eps, class_weight=cw, process_group=group, return_lse=True,
+                                              chunk_size=case.get("chunk_size", 5), **kwargs)
     with torch.no_grad() if case.get("no_grad") else torch.enable_grad():
-        loss, lse = smoothed_linear_xent(h, w, target, b, eps, class_weight=cw, process_group=group, return_lse=True,
-                                         chunk_size=case.get("chunk_size", 5), **kwargs)
+        if case.get("module"):
+            loss, lse = head(h, w, target, b)
+        else:
+            loss, lse = head(h, w, target, b, eps, class_weight=cw, process_group=group, return_lse=True,
+                             chunk_size=case.get("chunk_size", 5), **kwargs)
     dtype = hidden.dtype
     assert loss.dtype == lse.dtype == dtype
     if dtype == torch.float64:
