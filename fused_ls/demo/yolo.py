@@ -158,7 +158,8 @@ def train_and_evaluate(data_root: Path, preset: YoloPreset, setting: Setting, se
     from fused_ls.integrations.ultralytics import smoothed_xent_trainer
 
     name = f"eps{setting.label_smoothing:g}-{setting.convention}-seed{seed}"
-    overrides = _train_args(preset, data_root, seed, device, out / "yolo_runs", name)
+    # Absolute: Ultralytics puts a relative project under its own runs_dir setting.
+    overrides = _train_args(preset, data_root, seed, device, (out / "yolo_runs").resolve(), name)
     overrides["model"] = f"{model_name}.yaml"
     if setting.label_smoothing == 0:
         trainer_class = ClassificationTrainer  # Ultralytics as shipped: plain cross-entropy
@@ -227,8 +228,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[s
     try:
         import ultralytics
     except ImportError:
-        print(f"--model {args.model} needs Ultralytics: pip install \"fused_ls[ultralytics]\" (torchvision must match "
-              f"torch {torch.__version__})", file=sys.stderr)
+        print(f"--model {args.model} needs Ultralytics: pip install \"fused_ls[demo,ultralytics]\" "
+              f"(torchvision must match torch {torch.__version__})", file=sys.stderr)
         return 2
     started = time.perf_counter()
     try:
@@ -272,8 +273,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[s
             "ece": f"torchmetrics MulticlassCalibrationError(n_bins={NUM_BINS}, norm='l1')",
         },
         "environment": {
-            "fused_ls": __version__, "backend": backends.resolve(args.backend, torch.device("cpu" if args.device == "cpu"
-                                                                                          else "cuda")),
+            "fused_ls": __version__,
+            "backend": backends.resolve(args.backend, torch.device("cpu" if args.device == "cpu" else "cuda")),
             "ultralytics": ultralytics.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -297,6 +298,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[s
     print()
     for sentence in report["outcome"]:
         print("- " + sentence)
-    print(f"\n{seeds * len(settings)} runs, {report['runtime_seconds']:.0f} s in all (Ultralytics {ultralytics.__version__}, "
-          f"{torch.get_num_threads()} torch threads); wrote {json_path} and {png_path}")
+    threads = torch.get_num_threads()
+    print(f"\n{seeds * len(settings)} runs, {report['runtime_seconds']:.0f} s in all (Ultralytics "
+          f"{ultralytics.__version__}, {threads} torch thread{'s' * (threads > 1)}); wrote {json_path} and {png_path}")
     return 0
