@@ -289,7 +289,11 @@ def test_trainer_with_the_fused_head_ends_at_label_smoothers_weights(tmp_path):
         metrics = trainer.evaluate(_Rows(eval_rows))
         return {n: p.detach().cpu() for n, p in trainer.model.named_parameters()}, metrics["eval_loss"]
 
-    stock = transformers.Trainer(model=copy.deepcopy(model), args=args, train_dataset=_Rows(rows))
+    # The reference takes each accumulated batch in one micro-batch: the full-batch mean, whatever
+    # the Trainer version (4.46's stock LabelSmoother under accumulation sums the micro-batches'
+    # means, twice the gradient, where the fused head divides by the Trainer's token count).
+    one_batch = _training_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    stock = transformers.Trainer(model=copy.deepcopy(model), args=one_batch, train_dataset=_Rows(rows))
     reference, reference_eval = run(stock)
     fused = use_fused_linear_head(transformers.Trainer(model=copy.deepcopy(model), args=args, train_dataset=_Rows(rows)))
     assert fused.label_smoother is None and fused.model.fused_ls_head.label_smoothing == EPS
