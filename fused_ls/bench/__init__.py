@@ -28,4 +28,7 @@ Modules, each importing only modules listed before it (so no import cycle; this 
                     F.linear_cross_entropy, fused_ls, Liger (front end: bench/test_linear.py)
     suite.py        one case, every provider and mode: check, time, memory, ratios
     cli.py          python -m fused_ls bench
+    hf_memory.py    peak memory of a Hugging Face causal LM's training step, stock against the
+                    fused head (python -m fused_ls.bench.hf_memory; front end bench/test_hf_memory.py)
+    traffic.py      the GPU memory-traffic model of each Triton launch (docs/traffic-model.md)
 """
