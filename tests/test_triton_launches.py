@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from oracle import GRAD_TOL, LOSS_TOL, masses, truth
+from oracle import GRAD_TOL, LOSS_TOL, TRITON_FLOAT64_GRAD_ATOL, masses, truth
 
 pytest.importorskip("triton")
 from fused_ls import available_backends, smoothed_xent  # noqa: E402
@@ -74,6 +74,80 @@ def test_every_candidate_launch_gives_the_oracles_numbers(small_blocks, device, 
         torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[dtype][0], atol=GRAD_TOL[dtype][1],
                                    msg=lambda m, c=config: f"{c.name}: {m}")
         assert (grad[1] == 0).all()  # an ignored row: zeros, its logits not read again
+
+
+def _layout(layout, N, V, dtype, device):
+    """(logits, gradient buffer or None, the buffers they are views of) in one of the layouts
+    users pass; the buffers' bytes outside the views are poisoned with a sentinel."""
+    logits_src, target = _rows(device, dtype, V, N)
+    width = {"padded rows": V + 3, "column view": V + 2}.get(layout, V)
+    logits_buffer = torch.full((N, width), 7.0, dtype=dtype, device=device)
+    offset = 1 if layout == "column view" else 0
+    logits = logits_buffer[:, offset:offset + V]
+    logits.copy_(logits_src)
+    if layout == "loss only":
+        return logits, None, target, ()
+    if layout == "in place":
+        return logits, logits, target, (logits_buffer,)
+    grad_width = V + 1 if layout == "gradient of another row stride" else width
+    grad_buffer = torch.full((N, grad_width), 7.0, dtype=dtype, device=device)
+    return logits, grad_buffer[:, offset:offset + V], target, (logits_buffer, grad_buffer)
+
+
+# (layout, whether the rows are read as an aligned body and scalar edges at V = 29)
+LAYOUTS = {
+    "contiguous": True, "padded rows": True, "in place": True, "loss only": True,
+    "column view": False,  # a base not 16-byte aligned: Triton's scalar accesses
+    "gradient of another row stride": False,  # no one split of a row fits both
+}
+
+
+@pytest.mark.parametrize("V", [29, 6])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_rows_at_any_offset_from_a_16_byte_boundary_give_the_oracles_numbers(device, V, layout, dtype):
+    """V not a multiple of 16: each row starts at another offset from a 16-byte boundary, and is
+    read as an aligned body plus scalar edges; every launch kind, poisoned outputs, and the
+    bytes around the views untouched."""
+    N = 11
+    logits, grad, target, buffers = _layout(layout, N, V, dtype, device)
+    assert kernel.aligned_body(logits, grad) == LAYOUTS[layout]
+    weight = torch.rand(V, device=device) + 0.5
+    k_s, k_t = masses(0.1, V)
+    scale = torch.rand(N, device=device) + 0.5
+    true_rows, true_grad = truth(logits.clone(), target, 0.1, reduction="none", upstream=scale, weight=weight,
+                                 z_loss=1e-3)
+    true_rows[8], true_grad[8] = 0.0, 0.0  # the oracle's NaN for a row of -inf; ignored: 0 by contract
+    original = logits.clone()
+    grad_atol = TRITON_FLOAT64_GRAD_ATOL if dtype == torch.float64 else GRAD_TOL[dtype][1]
+    for config in (kernel.LaunchConfig("single", 32, 4), kernel.LaunchConfig("streamed", 8, 4),
+                   kernel.LaunchConfig("persistent", 8, 4, 1)):
+        logits.copy_(original)
+        if grad is not None and grad is not logits:
+            grad.fill_(math.nan)  # poisoned: an element nothing wrote stays NaN
+        loss = torch.full((N,), math.nan, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                          device=device)
+        lse = torch.full_like(loss, math.nan)
+        kernel.smoothed_xent_rows_out(logits, target, weight, weight.sum(), None if grad is None else scale, grad,
+                                      loss, lse, k_s, k_t, -100, 1e-3, 0.0, 1.0, config=config)
+        torch.testing.assert_close(loss.double(), true_rows, rtol=LOSS_TOL[dtype][0], atol=LOSS_TOL[dtype][1],
+                                   msg=lambda m, c=config: f"{c.name}: {m}")
+        if grad is not None:
+            torch.testing.assert_close(grad.double(), true_grad, rtol=GRAD_TOL[dtype][0], atol=grad_atol,
+                                       msg=lambda m, c=config: f"{c.name}: {m}")
+        for buffer in buffers:  # nothing written outside the views
+            outside = torch.ones_like(buffer, dtype=torch.bool)
+            outside[:, 1 if layout == "column view" else 0:][:, :V] = False
+            assert (buffer[outside] == 7.0).all(), config.name
+
+
+def test_the_aligned_body_is_used_exactly_where_triton_cannot_prove_16_byte_accesses(device):
+    aligned = torch.empty(4, 4096, dtype=torch.bfloat16, device=device)
+    assert not kernel.aligned_body(aligned, torch.empty_like(aligned))  # Triton's own proof holds
+    assert kernel.aligned_body(torch.empty(4, 50257, dtype=torch.bfloat16, device=device), None)
+    assert kernel.aligned_body(torch.empty(4, 1000, dtype=torch.bfloat16, device=device), None)
+    padded = torch.empty(4, 4104, dtype=torch.bfloat16, device=device)[:, :4096]  # rows 8 elements apart
+    assert kernel.aligned_body(padded, None)
 
 
 def test_a_persistent_launch_takes_every_row_with_fewer_programs_than_rows(small_blocks, device):

@@ -60,3 +60,17 @@ def test_every_launch_configuration_compiles_without_spilling_registers(compiled
     # Every kind of launch was compiled, the cooperative one included.
     launches = " ".join(row["kernel"] for row in rows)
     assert "PERSISTENT=1" in launches and "PHASE=0" in launches and "SINGLE_PASS=1" in launches
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_row_is_read_and_written_with_16_byte_accesses_whatever_its_length(compiled, arch):
+    """V = 1000 or 50257 (not a multiple of 16): the fused kernel reads and writes an aligned body
+    of 16-byte vectors, and element by element only the target's logit and the edges (one load,
+    one store), as for V = 4096."""
+    _, _, rows = compiled[arch]
+    fused = [row for row in rows if row["kernel"].startswith("smoothed_xent_fwd_kernel")]
+    assert any("ALIGN=1" in row["kernel"] for row in fused) and any("ALIGN=0" in row["kernel"] for row in fused)
+    for row in fused:
+        assert row["wide_accesses"] >= 1, row["kernel"]
+        if " bf16 " in row["kernel"]:
+            assert row["b16_accesses"] <= 3, (row["kernel"], row["b16_accesses"])

@@ -141,6 +141,11 @@ def resources(ptx: str, arch: int) -> dict:
     text = result.stderr
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0  # noqa: E731
     return {
+        # Global accesses in the PTX by width: 16-byte vectors, and the 2-byte scalars that mean a
+        # bf16/fp16 row is read element by element (beyond the target's logit and the edges of an aligned
+        # row, one load and one store).
+        "wide_accesses": len(re.findall(r"\b(?:ld|st)\.global(?:\.[\w:]+)*\.v4\.b32\b", ptx)),
+        "b16_accesses": len(re.findall(r"\b(?:ld|st)\.global(?:\.[\w:]+)*\.b16\b", ptx)),
         "registers": number(r"Used (\d+) registers"),
         "spill_stores": number(r"(\d+) bytes spill stores"),
         "spill_loads": number(r"(\d+) bytes spill loads"),

@@ -24,6 +24,9 @@ Memory traffic per row (b = bytes per logit; docs/traffic-model.md counts it per
     ignored row:                 read V*b once (its lse), write V*b zeros, no second read
 Nothing else of size V is written: the loss and lse are 4 bytes per row. The loss-only op
 (WRITE_GRAD=False) stops after pass 1: read V*b, no write of size V, no gradient allocated.
+Every access of a chunk is 16 bytes wide, whatever V: where Triton cannot prove it (V or the row
+stride not a multiple of 16 elements, V = 50257 say) the fused kernel splits each row into a
+16-byte-aligned body and fewer than 16 bytes of scalar edges on each side (ALIGN, aligned_body).
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def _transform(x, logit_scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap, inv_softcap,
+def _load_chunk(logits_row, weight_ptr, stride_weight, offs, length, logit_scale, softcap, inv_softcap,
                 HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, EVICTION: tl.constexpr):
-    """(mask, transformed logits, class weights) for the lanes `offs` of one row."""
-    mask = offs < V
+    """(mask, transformed logits, class weights) for the lanes `offs` < `length` of a stretch
+    of a row that starts at `logits_row` (and its class weights at `weight_ptr`)."""
+    mask = offs < length
     x = tl.load(logits_row + offs, mask=mask, other=0.0, eviction_policy=EVICTION)
     y = _transform(x.to(ACC), logit_scale, softcap, inv_softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
@@ -69,6 +73,39 @@ def _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, sof
     else:
         w = 1.0
     return mask, y, w
+
+
+@triton.jit
+def _load_edges(logits_row, weight_ptr, stride_weight, head, tail_start, V, logit_scale, softcap, inv_softcap,
+                VEC: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """(classes, mask, transformed logits, class weights) of the classes outside a row's aligned
+    body: lanes 0..VEC-1 the `head` classes before it, lanes VEC..2VEC-1 those from `tail_start`."""
+    lanes = tl.arange(0, 2 * VEC)
+    cls = tl.where(lanes < VEC, lanes, tail_start + lanes - VEC)
+    mask = tl.where(lanes < VEC, lanes < head, cls < V)
+    x = tl.load(logits_row + cls, mask=mask, other=0.0)
+    y = _transform(x.to(ACC), logit_scale, softcap, inv_softcap, HAS_SOFTCAP)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cls.to(tl.int64) * stride_weight, mask=mask, other=0.0).to(ACC)
+    else:
+        w = 1.0
+    return cls, mask, y, w
+
+
+@triton.jit
+def _fold(m, r, s, d, w_seen, y, w, mask, lanes, t_lane, HAS_WEIGHT: tl.constexpr):
+    """The running statistics of a row with one more stretch of it folded in: the max m and
+    its finite stand-in r, and s, d kept relative to r, moved whenever it rises."""
+    y_masked = tl.where(mask, y, -float("inf"))
+    m_new = tl.maximum(m, tl.max(y_masked, axis=0))
+    # A finite reference: a row of -inf only would give -inf - -inf = NaN in every lane.
+    r_new = tl.where(m_new == -float("inf"), 0.0, m_new)
+    s = s * tl.exp(m - r_new) + tl.sum(tl.exp(y_masked - r_new), axis=0)
+    d_chunk, w_chunk = _distance_sum(y, w, mask, lanes, t_lane, r_new, HAS_WEIGHT)
+    # w_seen counts finite lanes only, whose reference was the true max, so r_new >= r.
+    d = d + w_seen * (r_new - r) + d_chunk
+    w_seen += w_chunk
+    return m_new, r_new, s, d, w_seen
 
 
 @triton.jit
@@ -137,6 +174,7 @@ def _one_row(
     V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
     ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr, L2_HINTS: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
@@ -152,48 +190,57 @@ def _one_row(
     else:
         weight_sum = V * 1.0
         w_t = 1.0
+    # The target's logit, read on its own: one element, from a row that is read anyway, where
+    # picking it out of every chunk would cost each lane a compare and a sum in the loop.
+    x_t = tl.load(logits_row + tl.where(in_range, t, 0), mask=in_range, other=0.0)
+    y_t = _transform(x_t.to(ACC), logit_scale, softcap, inv_softcap, HAS_SOFTCAP)
     offs0 = tl.arange(0, BLOCK)
+    # The body: the classes read in BLOCK-lane chunks. With ALIGN (rows whose starts are not all
+    # 16 bytes apart, V = 50257 say) it is the row's 16-byte-aligned middle, of a whole number
+    # of vectors, so that every chunk is read and written with 16-byte accesses; the few classes
+    # before and after it (fewer than VEC each) are the edges, one small scalar block.
+    if ALIGN:
+        VEC: tl.constexpr = 16 // (logits_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        head = tl.minimum(((VEC - (row * stride_logits_row) % VEC) % VEC).to(tl.int32), V)
+        body_len = tl.multiple_of((V - head) // VEC * VEC, VEC)
+        logits_body = logits_ptr + tl.multiple_of(row * stride_logits_row + head, VEC)
+        grad_body = grad_ptr + tl.multiple_of(row * stride_grad_row + head, VEC)
+        weight_body = weight_ptr + head.to(tl.int64) * stride_weight
+        t_body = t_lane - head  # the target's lane in the body (negative: not in it)
+    else:
+        head = 0
+        body_len = V
+        logits_body = logits_row
+        grad_body = grad_row
+        weight_body = weight_ptr
+        t_body = t_lane
     # With L2_HINTS the first read asks L2 to keep the row for the second, which then lets
     # it go: the persistent schedule keeps the rows in flight within L2, so the second read
     # costs no DRAM traffic.
     FIRST_READ: tl.constexpr = "evict_last" if L2_HINTS and WRITE_GRAD else ""
     SECOND_READ: tl.constexpr = "evict_first" if L2_HINTS else ""
 
-    # Pass 1: max, sum of exp, D = sum of w (m - y) over c != t, and y_t.
+    # Pass 1: max, sum of exp and D = sum of w (m - y) over c != t, folded stretch by stretch.
+    m = tl.full((), -float("inf"), ACC)
+    r = tl.zeros((), ACC)
+    s = tl.zeros((), ACC)
+    d = tl.zeros((), ACC)
+    w_seen = tl.zeros((), ACC)
+    if ALIGN:
+        cls_e, mask_e, y_e, w_e = _load_edges(logits_row, weight_ptr, stride_weight, head, head + body_len, V,
+                                              logit_scale, softcap, inv_softcap, VEC, HAS_SOFTCAP, HAS_WEIGHT, ACC)
+        m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, y_e, w_e, mask_e, cls_e, t_lane, HAS_WEIGHT)
     if SINGLE_PASS:
-        mask, y, w = _load_chunk(logits_row, weight_ptr, stride_weight, offs0, V, logit_scale, softcap, inv_softcap,
-                                 HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
-        y_masked = tl.where(mask, y, -float("inf"))
-        m = tl.max(y_masked, axis=0)
-        # A finite reference: a row of -inf only would give -inf - -inf = NaN in every lane.
-        r = tl.where(m == -float("inf"), 0.0, m)
-        s = tl.sum(tl.exp(y_masked - r), axis=0)
-        d, _ = _distance_sum(y, w, mask, offs0, t_lane, r, HAS_WEIGHT)
-        y_t = tl.sum(tl.where(offs0 == t_lane, y, 0.0), axis=0)
+        # The whole body in registers, kept for the gradient: the row is read once.
+        mask, y, w = _load_chunk(logits_body, weight_body, stride_weight, offs0, body_len, logit_scale, softcap,
+                                 inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
+        m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, y, w, mask, offs0, t_body, HAS_WEIGHT)
     else:
-        # Streamed with a running max m and its finite stand-in r; s and d are kept
-        # relative to r and moved whenever it rises.
-        m = tl.full((), -float("inf"), ACC)
-        r = tl.zeros((), ACC)
-        s = tl.zeros((), ACC)
-        d = tl.zeros((), ACC)
-        w_seen = tl.zeros((), ACC)
-        y_t = tl.zeros((), ACC)
-        for start in range(0, V, BLOCK):
+        for start in range(0, body_len, BLOCK):
             offs = start + offs0
-            mask, yc, wc = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
+            mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale, softcap,
                                        inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, FIRST_READ)
-            yc_masked = tl.where(mask, yc, -float("inf"))
-            m_new = tl.maximum(m, tl.max(yc_masked, axis=0))
-            r_new = tl.where(m_new == -float("inf"), 0.0, m_new)
-            s = s * tl.exp(m - r_new) + tl.sum(tl.exp(yc_masked - r_new), axis=0)
-            d_chunk, w_chunk = _distance_sum(yc, wc, mask, offs, t_lane, r_new, HAS_WEIGHT)
-            # w_seen counts finite lanes only, whose reference was the true max, so r_new >= r.
-            d = d + w_seen * (r_new - r) + d_chunk
-            w_seen += w_chunk
-            m = m_new
-            r = r_new
-            y_t += tl.sum(tl.where(offs == t_lane, yc, 0.0), axis=0)
+            m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, yc, wc, mask, offs, t_body, HAS_WEIGHT)
 
     loss, lse, log_s, p_coef, k_s_row, true_mass = _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t, z_loss,
                                                              in_range, ignored)
@@ -208,25 +255,30 @@ def _one_row(
         # Zero, not the scale, on rows without a gradient: a NaN or inf scale (a mean over a
         # zero denominator) must not turn their 0 into NaN.
         grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
+        if ALIGN:
+            g_e = _row_gradient(y_e, w_e, cls_e, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale,
+                                logit_scale, inv_softcap, HAS_SOFTCAP)
+            g_e = tl.where(active, g_e, 0.0)
+            tl.store(grad_row + cls_e, _to_output(g_e, out_ty, EMULATE_RTNE_BF16), mask=mask_e)
         if SINGLE_PASS:
-            g = _row_gradient(y, w, offs0, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
+            g = _row_gradient(y, w, offs0, t_body, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
                               inv_softcap, HAS_SOFTCAP)
             g = tl.where(active, g, 0.0)  # also where a row of -inf made p NaN
-            tl.store(grad_row + offs0, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
+            tl.store(grad_body + offs0, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
         elif active:
-            for start in range(0, V, BLOCK):
+            for start in range(0, body_len, BLOCK):
                 offs = start + offs0
-                mask, yc, wc = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap,
-                                           inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, SECOND_READ)
-                g = _row_gradient(yc, wc, offs, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
-                                  inv_softcap, HAS_SOFTCAP)
-                tl.store(grad_row + offs, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
+                mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale,
+                                           softcap, inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, SECOND_READ)
+                g = _row_gradient(yc, wc, offs, t_body, p_coef, k_s_row, true_mass, m, log_s, grad_scale,
+                                  logit_scale, inv_softcap, HAS_SOFTCAP)
+                tl.store(grad_body + offs, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
         else:
             # An ignored row: its gradient is 0, and its logits need not be read again.
             zeros = tl.zeros((BLOCK,), out_ty)
-            for start in range(0, V, BLOCK):
+            for start in range(0, body_len, BLOCK):
                 offs = start + offs0
-                tl.store(grad_row + offs, zeros, mask=offs < V)
+                tl.store(grad_body + offs, zeros, mask=offs < body_len)
 
 
 @triton.jit
@@ -248,18 +300,19 @@ def smoothed_xent_fwd_kernel(
     WRITE_GRAD: tl.constexpr,  # False: the loss and lse only (pass 1), no gradient
     PERSISTENT: tl.constexpr,  # a grid smaller than N, each program taking every num_programs-th row
     L2_HINTS: tl.constexpr,    # cache-eviction hints that keep a row in L2 between its two reads
+    ALIGN: tl.constexpr,       # rows not all 16-byte aligned: an aligned body and scalar edges (_one_row)
 ):
     if PERSISTENT:
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
             _one_row(tl.cast(row, tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr,
                      loss_ptr, lse_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
                      stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
-                     HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS)
+                     HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN)
     else:
         _one_row(tl.program_id(0).to(tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr,
                  grad_scale_ptr, loss_ptr, lse_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
                  stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
-                 HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS)
+                 HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN)
 
 
 # Partials a segment publishes for its row: r (its finite max stand-in), m (its max), s = sum
@@ -545,8 +598,26 @@ def smoothed_xent_rows_out(
         HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0,
         BLOCK=config.elements(logits.dtype), SINGLE_PASS=config.kind == "single", ACC=acc,
         EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out),
-        WRITE_GRAD=write_grad, PERSISTENT=persistent, L2_HINTS=persistent, num_warps=config.num_warps,
+        WRITE_GRAD=write_grad, PERSISTENT=persistent, L2_HINTS=persistent,
+        ALIGN=aligned_body(logits, grad_out), num_warps=config.num_warps,
     )
+
+
+def aligned_body(logits: torch.Tensor, grad: torch.Tensor | None) -> bool:
+    """Whether the kernel should read each row as a 16-byte-aligned body plus scalar edges.
+
+    Triton proves 16-byte accesses itself only when V and the row strides are multiples of 16
+    elements; otherwise (V = 50257, V = 1000 in bf16, a padded row stride) every access would
+    be scalar. The body needs 16-byte-aligned tensors, and logits and gradient rows at the same
+    offset from a 16-byte boundary, so that one split of a row serves both."""
+    size = logits.element_size()
+    vec = 16 // size
+    tensors = (logits,) if grad is None else (logits, grad)
+    if all(t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors):
+        return False  # Triton's own specialisation already gives 16-byte accesses
+    if any(t.data_ptr() % 16 for t in tensors):
+        return False
+    return grad is None or logits.shape[0] <= 1 or (grad.stride(0) - logits.stride(0)) % vec == 0
 
 
 def _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss_out, lse_out, k_s, k_t,
