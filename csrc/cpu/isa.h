@@ -1,7 +1,9 @@
 // Which of the per-instruction-set kernel variants (DEFAULT, AVX2, AVX512; see
 // fused_ls/_native_build.py) this process runs: the best one compiled into the build that
-// torch's own choice for this CPU allows (at::get_cpu_capability(), which honours
-// ATEN_CPU_CAPABILITY=avx2|default).
+// torch's own choice (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY) allows and
+// the CPU executes. torch reports ATEN_CPU_CAPABILITY=avx512 as given even on a CPU without
+// AVX-512 (many AMD EPYCs), so the CPU's own features are checked too: a variant the CPU
+// cannot run would die of SIGILL.
 #pragma once
 
 #include <string>
@@ -10,14 +12,32 @@
 
 namespace fused_ls::cpu {
 
+// The instructions each variant is compiled with (_native_build.py's flags), as the CPU reports them.
+inline bool cpu_runs_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_runs_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_runs_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 inline const char* selected_isa() {
   static const char* const isa = [] {
     const std::string capability = at::get_cpu_capability();
 #ifdef FUSED_LS_CPU_AVX512
-    if (capability == "AVX512") return "AVX512";
+    if (capability == "AVX512" && cpu_runs_avx512()) return "AVX512";
 #endif
 #ifdef FUSED_LS_CPU_AVX2
-    if (capability == "AVX512" || capability == "AVX2") return "AVX2";
+    if ((capability == "AVX512" || capability == "AVX2") && cpu_runs_avx2()) return "AVX2";
 #endif
     return "DEFAULT";
   }();
