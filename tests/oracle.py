@@ -68,6 +68,16 @@ def truth(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, *,
 TRITON_FLOAT64_GRAD_ATOL = 6e-8
 
 
+def softcapped_grad_atol(dtype, weight=None, logit_scale=1.0):
+    """The gradient's absolute tolerance where a softcap saturates: its derivative 1 - (y/softcap)^2
+    is computed in the accumulation dtype from y, which carries a few units in the last place of
+    softcap, so the factor is off by up to about 8 ulp of 1 however small it is; the row's class
+    mass (up to max(weight)) and logit_scale multiply that error."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mass = 1.0 if weight is None else float(weight.max())
+    return max(GRAD_TOL[dtype][1], 8 * torch.finfo(acc).eps * mass * abs(logit_scale))
+
+
 def assert_matches_truth(loss, grad, true_loss, true_grad, dtype, backend=None):
     rtol, atol = LOSS_TOL[dtype]
     torch.testing.assert_close(loss.double(), true_loss, rtol=rtol, atol=atol)
