@@ -41,3 +41,18 @@ def test_resident_programs_are_read_from_the_compile_report():
                    "SEGMENTS_POW2=16 EMULATE_RTNE_BF16=0 WRITE_GRAD=1 PHASE=0 warps=8", "programs_per_sm": 1},
     ]
     assert resident_from(rows) == {("streamed", 4096, 8): 2, ("split", 8192, 8): 1}
+
+
+def test_an_8_kib_chunk_program_keeps_two_chunks_in_flight_but_never_more_than_its_row():
+    h200 = GPUS["H200"]
+    # Chunk k + 1 is loaded while chunk k is folded: 2 programs an SM x 2 chunks x 8 KiB.
+    long_rows = predict(Launch("streamed", 4096, 8), 2, h200, 16384, 128256, 2)
+    assert long_rows["in_flight_kib"] == pytest.approx(2 * 2 * 4096 * 2 / 1024)
+    # A 6000-logit row is all there is to load ahead.
+    short_rows = predict(Launch("streamed", 4096, 8), 2, h200, 16384, 6000, 2)
+    assert short_rows["in_flight_kib"] == pytest.approx(2 * 6000 * 2 / 1024)
+    # 16 KiB chunks (8192 bf16 or 4096 fp32 logits) are loaded one at a time.
+    wide = predict(Launch("streamed", 8192, 16), 1, h200, 16384, 128256, 2)
+    assert wide["in_flight_kib"] == pytest.approx(8192 * 2 / 1024)
+    fp32 = predict(Launch("streamed", 4096, 16), 1, h200, 16384, 128256, 4)
+    assert fp32["in_flight_kib"] == pytest.approx(4096 * 4 / 1024)

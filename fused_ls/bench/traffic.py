@@ -7,9 +7,10 @@ Two bounds, each a fraction of the copy bandwidth (y.copy_(x) moves 2b bytes per
 read, one write):
 - traffic: 2b / (the DRAM bytes the launch moves per logit). A second read of a row costs DRAM
   traffic unless the rows in flight fit 3/4 of L2.
-- latency (Little's law): bytes in flight per SM / (bandwidth x latency / SMs). A program has
-  one chunk of BLOCK logits in flight at a time (Triton issues a chunk's loads together and
-  does not pipeline these loops), or its whole segment where the row is held in registers.
+- latency (Little's law): bytes in flight per SM / (bandwidth x latency / SMs). A streamed or
+  persistent program over chunks of 4096 2-byte logits issues each chunk's load one chunk ahead
+  of its use, so two chunks are in flight (at most the row); other chunked programs have one chunk
+  in flight; a row or segment held in registers is in flight whole.
 The prediction is the smaller. Resident programs per SM come from the registers that ptxas
 reports (tests/triton_targets.py --json), without a GPU.
 """
@@ -83,7 +84,8 @@ def predict(launch: Launch, resident_per_sm: int, gpu: Gpu, N: int, V: int, b: i
         read = b if rows_in_flight * row_bytes <= l2 else 2 * b
     dram = read + b  # and the gradient written once
     traffic = 2 * b / dram
-    in_flight = active_per_sm * min(launch.block, V) * b
+    chunks_ahead = 2 if launch.kind in ("streamed", "persistent") and b == 2 and launch.block <= 4096 else 1
+    in_flight = active_per_sm * min(chunks_ahead * launch.block, V) * b
     needed = gpu.bandwidth * gpu.latency / gpu.sms
     latency = min(1.0, in_flight / needed)
     return {

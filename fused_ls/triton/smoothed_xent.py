@@ -27,6 +27,8 @@ Nothing else of size V is written: the loss and lse are 4 bytes per row. The los
 Every access of a chunk is 16 bytes wide, whatever V: where Triton cannot prove it (V or the row
 stride not a multiple of 16 elements, V = 50257 say) the fused kernel splits each row into a
 16-byte-aligned body and fewer than 16 bytes of scalar edges on each side (ALIGN, aligned_body).
+Streamed and persistent programs over 8 KiB chunks of 2-byte logits load each chunk one chunk
+ahead of its use (LOAD_AHEAD): two chunks in flight a program, as a 16 KiB chunk has.
 """
 
 from __future__ import annotations
@@ -65,8 +67,16 @@ def _load_chunk(logits_row, weight_ptr, stride_weight, offs, length, logit_scale
                 HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, EVICTION: tl.constexpr):
     """(mask, transformed logits, class weights) for the lanes `offs` < `length` of a stretch
     of a row that starts at `logits_row` (and its class weights at `weight_ptr`)."""
+    x = tl.load(logits_row + offs, mask=offs < length, other=0.0, eviction_policy=EVICTION)
+    return _chunk_of(x, weight_ptr, stride_weight, offs, length, logit_scale, softcap, inv_softcap,
+                     HAS_SOFTCAP, HAS_WEIGHT, ACC)
+
+
+@triton.jit
+def _chunk_of(x, weight_ptr, stride_weight, offs, length, logit_scale, softcap, inv_softcap,
+              HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """(mask, transformed logits, class weights) of the logits `x` loaded from lanes `offs`."""
     mask = offs < length
-    x = tl.load(logits_row + offs, mask=mask, other=0.0, eviction_policy=EVICTION)
     y = _transform(x.to(ACC), logit_scale, softcap, inv_softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + offs.to(tl.int64) * stride_weight, mask=mask, other=0.0).to(ACC)
@@ -218,6 +228,11 @@ def _one_row(
     # it go: the persistent schedule keeps the rows in flight within L2, so the second read
     # costs no DRAM traffic.
     FIRST_READ: tl.constexpr = "evict_last" if L2_HINTS and WRITE_GRAD else ""
+    # Streamed chunks of 8 KiB (4096 2-byte logits): each chunk's load is issued one chunk ahead of
+    # its use, so that two are in flight a program, the bytes a GPU's DRAM latency asks for
+    # (docs/traffic-model.md). A 16 KiB chunk (8192 2-byte or 4096 4-byte logits) already carries
+    # them, and the registers for a second one spill at 16 warps (sm_100, sm_90).
+    LOAD_AHEAD: tl.constexpr = (logits_ptr.dtype.element_ty.primitive_bitwidth == 16) and (BLOCK <= 4096)
     SECOND_READ: tl.constexpr = "evict_first" if L2_HINTS else ""
 
     # Pass 1: max, sum of exp and D = sum of w (m - y) over c != t, folded stretch by stretch.
@@ -236,10 +251,19 @@ def _one_row(
                                  inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
         m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, y, w, mask, offs0, t_body, HAS_WEIGHT)
     else:
+        if LOAD_AHEAD:
+            x_next = tl.load(logits_body + offs0, mask=offs0 < body_len, other=0.0, eviction_policy=FIRST_READ)
         for start in range(0, body_len, BLOCK):
             offs = start + offs0
-            mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale, softcap,
-                                       inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, FIRST_READ)
+            if LOAD_AHEAD:
+                x = x_next
+                x_next = tl.load(logits_body + BLOCK + offs, mask=BLOCK + offs < body_len, other=0.0,
+                                 eviction_policy=FIRST_READ)
+                mask, yc, wc = _chunk_of(x, weight_body, stride_weight, offs, body_len, logit_scale, softcap,
+                                         inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
+            else:
+                mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale,
+                                           softcap, inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, FIRST_READ)
             m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, yc, wc, mask, offs, t_body, HAS_WEIGHT)
 
     loss, lse, log_s, p_coef, k_s_row, true_mass = _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t, z_loss,
@@ -266,10 +290,19 @@ def _one_row(
             g = tl.where(active, g, 0.0)  # also where a row of -inf made p NaN
             tl.store(grad_body + offs0, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
         elif active:
+            if LOAD_AHEAD:
+                x_next = tl.load(logits_body + offs0, mask=offs0 < body_len, other=0.0, eviction_policy=SECOND_READ)
             for start in range(0, body_len, BLOCK):
                 offs = start + offs0
-                mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale,
-                                           softcap, inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, SECOND_READ)
+                if LOAD_AHEAD:
+                    x = x_next
+                    x_next = tl.load(logits_body + BLOCK + offs, mask=BLOCK + offs < body_len, other=0.0,
+                                     eviction_policy=SECOND_READ)
+                    mask, yc, wc = _chunk_of(x, weight_body, stride_weight, offs, body_len, logit_scale, softcap,
+                                             inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC)
+                else:
+                    mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale,
+                                               softcap, inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, SECOND_READ)
                 g = _row_gradient(yc, wc, offs, t_body, p_coef, k_s_row, true_mass, m, log_s, grad_scale,
                                   logit_scale, inv_softcap, HAS_SOFTCAP)
                 tl.store(grad_body + offs, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
