@@ -56,4 +56,40 @@ struct RowsProblem {
   double logit_scale;
 };
 
+// Vocabulary parallelism's two passes over this rank's slice of the classes (fused_ls/parallel.py
+// combines the ranks' statistics between them; the maths: docs/vocab-parallel.md). With y, w and
+// the masses as above, over the slice's V_r classes:
+//   statistics:  m_r = max y,  log s_r = log sum exp(y - m_r),
+//                L_r = sum_c q_c (lse_r - y_c),  q_c = k_s w_c + k_t w_t [c == column and owned]
+//                (a slice whose y are all -inf: m_r = log s_r = -inf and L_r = 0)
+//   gradient:    given the row's global m and log s (lse = m + log s) and its coefficients,
+//                g_c = (p_coef exp(y_c - m - log s) - smooth_coef w_c - true_coef [c == column])
+//                      * (1 - (y_c / softcap)^2)
+//                (logit_scale and any scale of the row are in the coefficients; a row whose three
+//                coefficients are 0 gets a zero gradient, its logits unread).
+struct SliceProblem {
+  ScalarKind dtype;
+  const void* logits;          // (num_rows, num_classes), unit stride along a row
+  int64_t logits_row_stride;
+  void* grad;                  // gradient pass: (num_rows, num_classes) out, may be `logits`;
+  int64_t grad_row_stride;     //   nullptr for the statistics pass
+  const int64_t* column;       // (num_rows,) the target's class within the slice where owned; any
+                               // index in [0, num_classes) elsewhere
+  const bool* owned;           // statistics: (num_rows,) whether the row's target lies in the slice
+  const void* weight;          // (num_classes,) acc, or nullptr for no class weights
+  const void* weight_sum;      // 0-d acc, sum of `weight`; read only with `weight`
+  void* row_max;               // (num_rows,) acc: statistics out, gradient in
+  void* log_sum;               // (num_rows,) acc: statistics out, gradient in
+  void* loss;                  // (num_rows,) acc: statistics out (L_r)
+  const void* p_coef;          // gradient: (num_rows,) acc each
+  const void* smooth_coef;
+  const void* true_coef;
+  int64_t num_rows;
+  int64_t num_classes;
+  double k_s;
+  double k_t;
+  double softcap;              // 0: no softcap
+  double logit_scale;
+};
+
 }  // namespace fused_ls

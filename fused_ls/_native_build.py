@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-CPU_SOURCES = ("ops.cpp", "cpu/smoothed_xent_cpu.cpp", "cpu/compensated_add_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu/smoothed_xent_cpu.cpp", "cpu/slice_passes_cpu.cpp", "cpu/compensated_add_cpu.cpp")
 CUDA_SOURCES = ("cuda/smoothed_xent_kernel.cu", "cuda/smoothed_xent_cuda.cpp")
 # Compiled once per instruction set; the headers they include (hashed into the objects' names).
 CPU_KERNELS = ("cpu/smoothed_xent_kernel.cpp", "cpu/compensated_add_kernel.cpp")

@@ -16,7 +16,8 @@ import os
 import torch
 
 from fused_ls._row_op import RowOps
-from fused_ls.eager import EAGER_ROW_OPS
+from fused_ls._slice_op import SliceOps
+from fused_ls.eager import EAGER_ROW_OPS, EAGER_SLICE_OPS
 
 BACKENDS = ("triton", "native", "torch")
 
@@ -129,3 +130,17 @@ def row_ops(backend: str) -> RowOps:
         return EAGER_ROW_OPS
     status = _triton_status() if backend == "triton" else _native_status()
     return status[0]
+
+
+def slice_ops(backend: str) -> SliceOps:
+    """Vocabulary parallelism's slice passes (fused_ls._slice_op) of a backend name that
+    `resolve` returned."""
+    if backend == "torch":
+        return EAGER_SLICE_OPS
+    if backend == "native":
+        from fused_ls import native
+
+        return native.SLICE_OPS
+    from fused_ls.triton.slice_passes import SLICE_OPS
+
+    return SLICE_OPS

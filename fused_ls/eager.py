@@ -14,6 +14,7 @@ import math
 import torch
 
 from fused_ls._row_op import RowOptions, allocating_row_ops, check_row_op_arguments, class_weight_sum
+from fused_ls._slice_op import SliceOps, statistics_outputs
 
 # Rows are processed in blocks of at most this many logits, which bounds the float32
 # temporaries (about three blocks live at once: 3 x 128 MiB) whatever the batch.
@@ -127,3 +128,54 @@ def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
 
 
 EAGER_ROW_OPS = allocating_row_ops("torch", _run_out)
+
+
+# ----------------------------------------------------------------------------- the slice passes' contract
+# (fused_ls._slice_op): the passes above over every row, in blocks.
+
+
+def eager_slice_stats(logits, column, owned, weight, k_s, k_t, softcap, logit_scale):
+    n_rows, V = logits.shape
+    row_max, log_sum, loss = statistics_outputs(logits)
+    acc = loss.dtype
+    options = RowOptions(k_s, k_t, 0, 0.0, softcap, logit_scale)
+    if weight is not None:
+        weight = weight.to(acc)
+        weight_sum = weight.sum()
+        w_t = weight[column] * owned
+    else:
+        weight_sum = float(V)
+        w_t = owned.to(acc)
+    for rows in row_blocks(n_rows, V):
+        slice_statistics(logits[rows], weight, column[rows], owned[rows], w_t[rows], weight_sum, options,
+                         out_max=row_max[rows], out_log_sum=log_sum[rows], out_loss=loss[rows])
+    return row_max, log_sum, loss
+
+
+def eager_slice_grad_out(grad, logits, column, weight, row_max, log_sum, p_coef, smooth_coef, true_coef, softcap,
+                         logit_scale):
+    n_rows, V = logits.shape
+    acc = row_max.dtype
+    options = RowOptions(0.0, 0.0, 0, 0.0, softcap, logit_scale)
+    if weight is not None:
+        weight = weight.to(acc)
+    coefficients = [c.to(acc).expand(n_rows) for c in (p_coef, smooth_coef, true_coef)]
+    for rows in row_blocks(n_rows, V):
+        slice_gradient(logits[rows], weight, column[rows], row_max[rows], log_sum[rows],
+                       *(c[rows] for c in coefficients), options, out=grad[rows])
+    # A row without a gradient is 0, also where a row of -inf logits made p NaN.
+    without = (coefficients[0] == 0) & (coefficients[1] == 0) & (coefficients[2] == 0)
+    grad.masked_fill_(without.unsqueeze(1), 0.0)
+
+
+def _eager_slice_grad(logits, *args):
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    eager_slice_grad_out(grad, logits, *args)
+    return grad
+
+
+def _eager_slice_grad_inplace(logits, *args):
+    eager_slice_grad_out(logits, logits, *args)
+
+
+EAGER_SLICE_OPS = SliceOps("torch", eager_slice_stats, _eager_slice_grad, _eager_slice_grad_inplace)

@@ -411,6 +411,7 @@ class _ParallelHead(NamedTuple):
     options: _core.RowOptions
     reduction: str
     reduce_hidden_grad: bool
+    backend: str  # resolved: its slice passes reduce each chunk of logits and write its gradient
 
 
 def _vocab_parallel_head(hidden, weight, target, bias, label_smoothing, *, class_weight, ignore_index, reduction,
@@ -462,7 +463,8 @@ def _vocab_parallel_head(hidden, weight, target, bias, label_smoothing, *, class
     world = dist.get_world_size(group)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden2d.shape[0], H, -(-V // world))
     options = _core.row_options(convention, label_smoothing, V, ignore_index, z_loss, softcap, logit_scale)
-    head = _ParallelHead(chunk, grad_accumulation, group, start, V, options, reduction, reduce_hidden_grad)
+    head = _ParallelHead(chunk, grad_accumulation, group, start, V, options, reduction, reduce_hidden_grad,
+                         backends.resolve(backend, hidden.device))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
@@ -561,7 +563,7 @@ def _parallel_sweep(hidden, weight, bias, target, class_weight, row_scale, saved
                 else:
                     torch.addmm(bias, h, weight_t, out=logits)
             if gather:
-                stats = parallel.row_statistics(logits, class_weight, rows[block], options, head.group)
+                stats = parallel.row_statistics(logits, class_weight, rows[block], options, head.group, head.backend)
                 for kept, new in zip(saved[:5], stats[:5]):
                     kept[block] = new
                 saved.weight_sum.copy_(stats.weight_sum)
@@ -570,8 +572,8 @@ def _parallel_sweep(hidden, weight, bias, target, class_weight, row_scale, saved
             if not need_grad:
                 continue
             scale = row_scale if row_scale.dim() == 0 else row_scale[block]
-            parallel.write_gradient(logits, class_weight, rows[block], stats, scale, options, out=logits)
-            grad = logits
+            grad = parallel.write_gradient(logits, class_weight, rows[block], stats, scale, options, inplace=True,
+                                           backend=head.backend)
             if need_hidden:
                 if buffer is None:
                     grad_hidden[block] = torch.mm(grad, weight)

@@ -51,11 +51,13 @@ d(loss)/d(its slice) and nothing else, so nothing is counted twice. In a tensor-
 head the gradient of the hidden states (h @ W_r^T summed over r) still needs the all-reduce
 of the usual "copy to tensor-parallel region" op, exactly as for any row-split projection.
 
-The local passes are the "torch" backend's slice passes (fused_ls.eager: PyTorch ops over
-blocks of rows, float32 accumulation, bounded temporaries): the fused kernels compute their
-own lse and cannot take the global one. A fused kernel for this path would be the existing one split at its
-reduction: a statistics pass writing (m_r, log s_r, L_r) per row, and a gradient pass reading
-lse and the per-row coefficients (p_coef, k_s, k_t w_t) instead of computing them.
+The local passes are the backend's two slice passes (fused_ls._slice_op): a statistics pass
+that reads the slice once and writes (m_r, log s_r, L_r) per row, and a gradient pass that reads
+it once more with the global (m, log s) and the per-row coefficients (p_coef, k_s, k_t w_t) and
+writes the gradient: the native CPU kernels, Triton's, or PyTorch ops over blocks of rows
+("torch"). The gather sits between the two, so the slice is read twice (read, read, write: 3b a
+logit, where one device's row held on chip costs 2b); holding a slice on chip across a
+collective is not possible.
 
 The steps (slice_targets, row_statistics, write_gradient) are functions of their own: the
 vocabulary-parallel linear head (fused_ls.linear) runs them on each chunk of tokens. DTensor
@@ -78,7 +80,6 @@ import torch.distributed as dist
 from fused_ls import _core, backends
 from fused_ls._autograd import check_inplace_allowed, refuse_create_graph, scale_saved_gradient
 from fused_ls._core import RowOptions, accumulation_dtype, mean_gradient_scale, not_ignored, reduce_rows
-from fused_ls.eager import row_blocks, slice_gradient, slice_statistics
 
 # Statistics per row in the gathered buffer: m_r, log s_r, L_r, w_t,r.
 _ROW_STATS = 4
@@ -123,7 +124,8 @@ def smoothed_xent_vocab_parallel(
             every rank's V_r (one all-gather and one host sync) and caches the offsets, so
             each rank must keep its local size for that group from then on. Passing them
             makes every call free of host syncs (torch.compile, CUDA graphs).
-        backend: accepted for a uniform signature; this path computes with PyTorch ops.
+        backend: whose slice passes compute the local statistics and the gradient (as in
+            `smoothed_xent`; "auto": Triton on CUDA, the native CPU kernels on the CPU).
 
     Every other argument means what it means in `smoothed_xent`, with the global V: the
     loss (and ``lse`` with ``return_lse``) is the same on every rank, and ``loss.backward()``
@@ -155,7 +157,7 @@ def smoothed_xent_vocab_parallel(
     acc_dtype = accumulation_dtype(logits.dtype)
     options = _core.row_options(convention, label_smoothing, num_classes, ignore_index, z_loss, softcap, logit_scale)
     plan = _Plan(group=process_group, vocab_start=start, vocab_size=num_classes, options=options,
-                 reduction=reduction, inplace=inplace_backward)
+                 reduction=reduction, inplace=inplace_backward, backend=backends.resolve(backend, logits.device))
     logits2d = logits.reshape(target.numel(), local_size)  # -1 is ambiguous for 0 rows or classes
     target1d = target.reshape(-1)
     if weight is not None:
@@ -178,6 +180,7 @@ class _Plan:
     options: RowOptions
     reduction: str
     inplace: bool
+    backend: str  # resolved: its slice passes compute the local statistics and the gradient
 
 
 class _VocabParallelSmoothedXent(torch.autograd.Function):
@@ -192,20 +195,17 @@ class _VocabParallelSmoothedXent(torch.autograd.Function):
         acc_dtype = accumulation_dtype(logits.dtype)
         options = plan.options
         rows = slice_targets(target, options.ignore_index, plan.vocab_start, local_size, plan.vocab_size)
-        stats = row_statistics(logits, weight, rows, options, plan.group)
+        stats = row_statistics(logits, weight, rows, options, plan.group, plan.backend)
 
         if plan.reduction == "mean":
             weight_of_targets = None if weight is None else stats.w_t.sum()
             grad_scale = mean_gradient_scale(rows.valid, normalizer, weight_of_targets, acc_dtype)
         else:
             grad_scale = torch.ones((), dtype=acc_dtype, device=logits.device)
-        if plan.inplace:
-            # The logits' own memory, saved without their autograd view metadata: a view made by
-            # a custom Function (DTensor.to_local) and then overwritten could not be unpacked.
-            grad = logits.detach()
-        else:
-            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        write_gradient(logits, weight, rows, stats, grad_scale, options, out=grad)
+        # In place: into the logits' own memory, taken without their autograd view metadata: a
+        # view made by a custom Function (DTensor.to_local) and then overwritten could not be unpacked.
+        grad = write_gradient(logits.detach() if plan.inplace else logits, weight, rows, stats, grad_scale, options,
+                              inplace=plan.inplace, backend=plan.backend)
 
         loss_rows = stats.loss_rows
         loss = reduce_rows(loss_rows, plan.reduction, grad_scale)
@@ -361,10 +361,11 @@ def slice_targets(target, ignore_index, vocab_start, local_size, vocab_size) -> 
     return SliceTargets(valid, active, owned, column)
 
 
-def row_statistics(logits, weight, rows: SliceTargets, options: RowOptions, group) -> RowStatistics:
+def row_statistics(logits, weight, rows: SliceTargets, options: RowOptions, group, backend: str) -> RowStatistics:
     """This rank's statistics of (n, V_r) logits, one all-gather, and the global row statistics.
 
-    `weight` is this rank's (V_r,) slice of the class weights in the accumulation dtype, or None.
+    `weight` is this rank's (V_r,) slice of the class weights in the accumulation dtype, or None;
+    `backend` a resolved backend name, whose slice passes compute the local statistics.
     Every rank of `group` must call it with the same number of rows."""
     n_rows, local_size = logits.shape
     acc_dtype = accumulation_dtype(logits.dtype)
@@ -384,11 +385,11 @@ def row_statistics(logits, weight, rows: SliceTargets, options: RowOptions, grou
         max_local.fill_(-math.inf)
         log_sum_local.fill_(-math.inf)
         loss_local.zero_()
-    for block in row_blocks(n_rows, local_size):
-        slice_statistics(
-            logits[block], weight, column[block], owned[block], w_t_local[block], sent[-1], options,
-            out_max=max_local[block], out_log_sum=log_sum_local[block], out_loss=loss_local[block],
-        )
+    elif n_rows:
+        ops = backends.slice_ops(backend)
+        for out, value in zip((max_local, log_sum_local, loss_local),
+                              ops.stats(logits, column, owned, weight, k_s, k_t, options.softcap, options.logit_scale)):
+            out.copy_(value)
 
     world = dist.get_world_size(group)
     gathered = sent.new_empty(world * sent.numel())
@@ -413,20 +414,26 @@ def row_statistics(logits, weight, rows: SliceTargets, options: RowOptions, grou
     return RowStatistics(row_max, log_sum, lse, loss_rows, w_t_ranks.sum(dim=0), weight_sum_ranks.sum())
 
 
-def write_gradient(logits, weight, rows: SliceTargets, stats: RowStatistics, row_scale, options: RowOptions, *, out):
-    """d(loss_i)/d(logits_i) times row_scale (0-d, or one per row) into `out` (may be `logits`),
-    from the global statistics: no collective. Inactive rows get 0 whatever their scale."""
+def write_gradient(logits, weight, rows: SliceTargets, stats: RowStatistics, row_scale, options: RowOptions, *,
+                   inplace: bool, backend: str) -> torch.Tensor:
+    """d(loss_i)/d(logits_i) times row_scale (0-d, or one per row), from the global statistics:
+    no collective. Written over `logits` if `inplace`, else into a new tensor; returned either
+    way. Inactive rows get 0 whatever their scale."""
     n_rows, local_size = logits.shape
+    if n_rows == 0 or local_size == 0:
+        return logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     # Per-row gradient coefficients, with the mean's 1/denominator and logit_scale folded in.
     row_factor = torch.where(rows.active, row_scale * options.logit_scale, 0.0)
     p_coef = (options.k_s * stats.weight_sum + options.k_t * stats.w_t + 2.0 * options.z_loss * stats.lse) * row_factor
     smooth_coef = (options.k_s * row_factor).expand(n_rows)
     true_coef = torch.where(rows.owned, options.k_t * stats.w_t, 0.0) * row_factor
-    for block in row_blocks(n_rows, local_size):
-        slice_gradient(
-            logits[block], weight, rows.column[block], stats.row_max[block], stats.log_sum[block], p_coef[block],
-            smooth_coef[block], true_coef[block], options, out=out[block],
-        )
+    ops = backends.slice_ops(backend)
+    args = (rows.column, weight, stats.row_max, stats.log_sum, p_coef, smooth_coef, true_coef, options.softcap,
+            options.logit_scale)
+    if inplace:
+        ops.grad_inplace(logits, *args)
+        return logits
+    return ops.grad(logits, *args)
 
 
 def target_weight_sum(target, ignore_index, weight, vocab_start, vocab_size, group, dtype) -> torch.Tensor:

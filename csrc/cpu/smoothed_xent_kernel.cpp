@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "vec_io.h"  // at::vec, c10's BFloat16 and Half, and the CPU_CAPABILITY check
 
@@ -166,44 +167,19 @@ class RowKernel {
     const bool in_range = 0 <= t && t < V_;
     const bool valid = in_range && !ignored;
 
-    for (int64_t k = 0; k < num_chunks_; ++k) {
-      const scalar_t* next = k + 1 < num_chunks_ ? x + (k + 1) * kChunk
-                             : prefetch_next_row   ? x + logits_row_stride_
-                                                   : nullptr;
-      chunk_pass(x, k, next);
-    }
-
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t k = 0; k < num_chunks_; ++k) m = nan_max(m, chunk_[k].max);
-    acc_t s = 0, deviation = 0;  // deviation = sum_c w_c (m - y_c)
-    for (int64_t k = 0; k < num_chunks_; ++k) {
-      ChunkStats& c = chunk_[k];
-      c.to_row = std::exp(c.shift - m);
-      s += c.sum_exp * c.to_row;
-      deviation += (m - c.shift) * c.weight - c.sum_wd;
-    }
+    const RowSums sums = first_pass(x, prefetch_next_row);
+    const acc_t m = sums.m, s = sums.s;
     const acc_t log_s = std::log(s);
     const acc_t lse = m + log_s;
 
     acc_t w_t = 0, y_t = 0;
     if (valid) {
       w_t = kHasWeight ? weight_[t] : acc_t(1);
-      y_t = kHasSoftcap ? y_[t] : static_cast<acc_t>(x[t]) * logit_scale_;
+      y_t = target_y(x, t);
     }
     const acc_t true_mass = k_t_ * w_t;
     const acc_t total_mass = k_s_ * weight_sum_ + true_mass;
-    // A zero mass contributes nothing even against an infinite logit (a masked class).
-    acc_t smooth_term = k_s_ != 0 ? k_s_ * deviation : acc_t(0);
-    acc_t true_term = true_mass != 0 ? true_mass * (m - y_t) : acc_t(0);
-    if (valid && y_t == -std::numeric_limits<acc_t>::infinity() && k_s_ != 0 && w_t != 0) {
-      // A masked target (rare): `deviation` holds its smoothing share k_s w_t (m - y_t) as +inf,
-      // but its whole mass q_t = k_s w_t + k_t w_t decides its term: +inf, or 0 when q_t = 0
-      // (the 'others' convention at eps = 1), not inf - inf. So it is left out and added once.
-      smooth_term = k_s_ * deviation_without_target(x, t, w_t, m);
-      const acc_t q_t = (k_s_ + k_t_) * w_t;  // not an fma: exactly 0 when k_t = -k_s
-      true_term = q_t != 0 ? q_t * (m - y_t) : acc_t(0);
-    }
-    const acc_t loss = total_mass * log_s + smooth_term + true_term + z_loss_ * lse * lse;
+    const acc_t loss = total_mass * log_s + distance_term(x, t, w_t, y_t, m, sums.deviation) + z_loss_ * lse * lse;
     loss_[row] = ignored ? acc_t(0) : in_range ? loss : std::numeric_limits<acc_t>::quiet_NaN();
     lse_[row] = lse;
 
@@ -215,7 +191,16 @@ class RowKernel {
     // The call's one scale, or this row's.
     const acc_t grad_scale = grad_scale_ != nullptr ? grad_scale_[row * grad_scale_row_stride_] : acc_t(1);
     const acc_t p_coef = total_mass + 2 * z_loss_ * lse;
-    for (int64_t k = 0; k < num_chunks_; ++k) gradient_pass(g, k, p_coef / s * chunk_[k].to_row, grad_scale);
+    const acc_t scale = grad_scale * logit_scale_;
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      const acc_t e_to_p_coef = p_coef / s * chunk_[k].to_row;
+      // Without softcap dy/dx is the constant logit_scale: fold it in and use one fma.
+      if constexpr (kHasSoftcap) {
+        gradient_pass(g, k, e_to_p_coef, k_s_, scale);
+      } else {
+        gradient_pass(g, k, e_to_p_coef * scale, k_s_ * scale, scale);
+      }
+    }
     // The true class, from its own e, in acc precision, rounded once.
     const acc_t p_t = e_[t] * chunk_[t / kChunk].to_row / s;
     acc_t dydx_t = logit_scale_;
@@ -224,6 +209,79 @@ class RowKernel {
       dydx_t = logit_scale_ * (1 - c * c);
     }
     g[t] = static_cast<scalar_t>((p_coef * p_t - k_s_ * w_t - true_mass) * grad_scale * dydx_t);
+  }
+
+  // Vocabulary parallelism's statistics pass over this slice (SliceProblem): m_r, log s_r and
+  // L_r of row `row`, whose target (target_[row]) is in the slice if `owned`.
+  void slice_statistics(int64_t row, bool prefetch_next_row, bool owned, acc_t& row_max, acc_t& log_sum) {
+    const scalar_t* x = logits_ + row * logits_row_stride_;
+    const RowSums sums = first_pass(x, prefetch_next_row);
+    if (sums.m == -std::numeric_limits<acc_t>::infinity()) {
+      // No finite lse_r: the ranks' combination adds the slice's whole share, Q_r (lse - lse_r).
+      row_max = log_sum = sums.m;
+      loss_[row] = 0;
+      return;
+    }
+    const int64_t t = target_[row];
+    const acc_t w_t = owned ? (kHasWeight ? weight_[t] : acc_t(1)) : acc_t(0);
+    const acc_t y_t = owned ? target_y(x, t) : acc_t(0);
+    const acc_t log_s = std::log(sums.s);
+    row_max = sums.m;
+    log_sum = log_s;
+    loss_[row] = (k_s_ * weight_sum_ + k_t_ * w_t) * log_s + distance_term(x, t, w_t, y_t, sums.m, sums.deviation);
+  }
+
+  // Vocabulary parallelism's gradient pass over this slice: one read of the row and one write,
+  // p = exp((y - m) - log s) from the row's global statistics (y - m <= 0 and log s >= 0, so
+  // exp_nonpositive's domain), no second exp and no scratch.
+  void slice_gradient(int64_t row, acc_t m, acc_t log_s, acc_t p_coef, acc_t smooth_coef, acc_t true_coef) {
+    const scalar_t* x = logits_ + row * logits_row_stride_;
+    scalar_t* g = grad_ + row * grad_row_stride_;
+    if (p_coef == 0 && smooth_coef == 0 && true_coef == 0) {  // a row without a gradient
+      zero_row(g);
+      return;
+    }
+    const int64_t t = target_[row];
+    // Read before the row is overwritten (in place).
+    const acc_t y_t = true_coef != 0 ? scalar_y(static_cast<acc_t>(x[t])) : acc_t(0);
+    const Vec max(m), log_s_vec(log_s), p_vec(p_coef), smooth(smooth_coef), one(acc_t(1));
+    for (int64_t c = 0; c < V_; c += kStep) {
+      const int64_t n = V_ - c;
+      Vec a, b;
+      load_y(x, c, n, a, b);
+      Vec ga = (a - max) - log_s_vec, gb = (b - max) - log_s_vec;
+      ga = exp_nonpositive(ga);
+      gb = exp_nonpositive(gb);
+      if constexpr (kHasWeight) {
+        Vec wa, wb;
+        load_weights(c, n, wa, wb);
+        ga = at::vec::fmsub(p_vec, ga, smooth * wa);
+        gb = at::vec::fmsub(p_vec, gb, smooth * wb);
+      } else {
+        ga = at::vec::fmsub(p_vec, ga, smooth);
+        gb = at::vec::fmsub(p_vec, gb, smooth);
+      }
+      if constexpr (kHasSoftcap) {  // dy/du = 1 - (y / softcap)^2
+        const Vec ya = a / Vec(softcap_), yb = b / Vec(softcap_);
+        ga = ga * (one - ya * ya);
+        gb = gb * (one - yb * yb);
+      }
+      if (n >= kStep) {
+        Io::store(g + c, ga, gb);
+      } else {
+        Io::store_partial(g + c, n, ga, gb);
+      }
+    }
+    if (true_coef != 0) {  // the true class, in acc precision, rounded once
+      const acc_t w_t = kHasWeight ? weight_[t] : acc_t(1);
+      acc_t dydu = 1;
+      if constexpr (kHasSoftcap) {
+        const acc_t c = y_t / softcap_;
+        dydu = 1 - c * c;
+      }
+      const acc_t p_t = std::exp((y_t - m) - log_s);
+      g[t] = static_cast<scalar_t>((p_coef * p_t - smooth_coef * w_t - true_coef) * dydu);
+    }
   }
 
  private:
@@ -235,6 +293,70 @@ class RowKernel {
     acc_t weight;   // sum w, the same for every row
     acc_t to_row;   // exp(shift - m): from the chunk's e to the row's
   };
+
+  struct RowSums {
+    acc_t m;          // max y (-inf if every y is -inf)
+    acc_t s;          // sum exp(y - m)
+    acc_t deviation;  // sum_c w_c (m - y_c)
+  };
+
+  // Pass 1 over the row: every chunk's statistics and exps, combined into the row's.
+  RowSums first_pass(const scalar_t* x, bool prefetch_next_row) {
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      const scalar_t* next = k + 1 < num_chunks_ ? x + (k + 1) * kChunk
+                             : prefetch_next_row   ? x + logits_row_stride_
+                                                   : nullptr;
+      chunk_pass(x, k, next);
+    }
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t k = 0; k < num_chunks_; ++k) m = nan_max(m, chunk_[k].max);
+    acc_t s = 0, deviation = 0;
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      ChunkStats& c = chunk_[k];
+      c.to_row = std::exp(c.shift - m);
+      s += c.sum_exp * c.to_row;
+      deviation += (m - c.shift) * c.weight - c.sum_wd;
+    }
+    return {m, s, deviation};
+  }
+
+  // sum_c q_c (m - y_c) with q_c = k_s w_c + k_t w_t [c == t], from pass 1's deviation; w_t = 0
+  // for a row with no true class here. A zero mass contributes nothing even against an
+  // infinite logit (a masked class).
+  acc_t distance_term(const scalar_t* x, int64_t t, acc_t w_t, acc_t y_t, acc_t m, acc_t deviation) const {
+    const acc_t true_mass = k_t_ * w_t;
+    acc_t smooth_term = k_s_ != 0 ? k_s_ * deviation : acc_t(0);
+    acc_t true_term = true_mass != 0 ? true_mass * (m - y_t) : acc_t(0);
+    if (w_t != 0 && y_t == -std::numeric_limits<acc_t>::infinity() && k_s_ != 0) {
+      // A masked target (rare): `deviation` holds its smoothing share k_s w_t (m - y_t) as +inf,
+      // but its whole mass q_t = k_s w_t + k_t w_t decides its term: +inf, or 0 when q_t = 0
+      // (the 'others' convention at eps = 1), not inf - inf. So it is left out and added once.
+      smooth_term = k_s_ * deviation_without_target(x, t, w_t, m);
+      const acc_t q_t = (k_s_ + k_t_) * w_t;  // not an fma: exactly 0 when k_t = -k_s
+      true_term = q_t != 0 ? q_t * (m - y_t) : acc_t(0);
+    }
+    return smooth_term + true_term;
+  }
+
+  // y of class t after pass 1 (which kept y with softcap).
+  acc_t target_y(const scalar_t* x, int64_t t) const {
+    return kHasSoftcap ? y_[t] : static_cast<acc_t>(x[t]) * logit_scale_;
+  }
+
+  acc_t scalar_y(acc_t x) const {
+    const acc_t u = x * logit_scale_;
+    return kHasSoftcap ? softcap_ * std::tanh(u / softcap_) : u;
+  }
+
+  void load_weights(int64_t c, int64_t n, Vec& wa, Vec& wb) const {
+    if (n >= kStep) {
+      wa = Vec::loadu(weight_ + c);
+      wb = Vec::loadu(weight_ + c + kLanes);
+    } else {
+      wa = Vec::loadu(weight_ + c, std::min(n, kLanes));
+      wb = n > kLanes ? Vec::loadu(weight_ + c + kLanes, n - kLanes) : Vec(acc_t(0));
+    }
+  }
 
   // sum over c != t of w_c (m - y_c), from the chunk statistics but for t's chunk, whose
   // sum_wd is recomputed without t (a scalar pass over at most kChunk logits).
@@ -358,37 +480,29 @@ class RowKernel {
     stats.sum_wd = horizontal_sum(wd_a + wd_b);
   }
 
-  // g = (p_coef p - k_s w) * grad_scale * dy/dx over chunk k, where p = e * e_to_p; grad_scale
-  // is the row's.
-  void gradient_pass(scalar_t* g, int64_t k, acc_t e_to_p_coef, acc_t grad_scale) {
+  // g = (a e - smooth w) * dy/du over chunk k (dy/du = 1 - (y / softcap)^2 with softcap, times
+  // softcap_scale; without, the caller folds every constant into a and smooth: one fma).
+  void gradient_pass(scalar_t* g, int64_t k, acc_t a, acc_t smooth, acc_t softcap_scale) {
     const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
-    const acc_t scale = grad_scale * logit_scale_;
-    // Without softcap dy/dx is the constant logit_scale: fold it in and use one fma.
-    const Vec a_coef(kHasSoftcap ? e_to_p_coef : e_to_p_coef * scale);
-    const Vec smooth(kHasSoftcap ? k_s_ : k_s_ * scale);
+    const Vec a_coef(a), smooth_coef(smooth);
     for (int64_t c = c0; c < c1; c += kStep) {
       const int64_t n = c1 - c;
       Vec ga, gb;
       const Vec ea = Vec::loadu(e_.get() + c), eb = Vec::loadu(e_.get() + c + kLanes);
       if constexpr (kHasWeight) {
         Vec wa, wb;
-        if (n >= kStep) {
-          wa = Vec::loadu(weight_ + c);
-          wb = Vec::loadu(weight_ + c + kLanes);
-        } else {
-          wa = Vec::loadu(weight_ + c, std::min(n, kLanes));
-          wb = n > kLanes ? Vec::loadu(weight_ + c + kLanes, n - kLanes) : Vec(acc_t(0));
-        }
-        ga = at::vec::fmsub(a_coef, ea, smooth * wa);
-        gb = at::vec::fmsub(a_coef, eb, smooth * wb);
+        load_weights(c, n, wa, wb);
+        ga = at::vec::fmsub(a_coef, ea, smooth_coef * wa);
+        gb = at::vec::fmsub(a_coef, eb, smooth_coef * wb);
       } else {
-        ga = at::vec::fmsub(a_coef, ea, smooth);
-        gb = at::vec::fmsub(a_coef, eb, smooth);
+        ga = at::vec::fmsub(a_coef, ea, smooth_coef);
+        gb = at::vec::fmsub(a_coef, eb, smooth_coef);
       }
       if constexpr (kHasSoftcap) {  // dy/dx = logit_scale (1 - (y / softcap)^2)
+        const Vec scale(softcap_scale);
         const Vec ya = Vec::loadu(y_.get() + c) / Vec(softcap_), yb = Vec::loadu(y_.get() + c + kLanes) / Vec(softcap_);
-        ga = ga * (Vec(scale) - Vec(scale) * ya * ya);
-        gb = gb * (Vec(scale) - Vec(scale) * yb * yb);
+        ga = ga * (scale - scale * ya * ya);
+        gb = gb * (scale - scale * yb * yb);
       }
       if (n >= kStep) {
         Io::store(g + c, ga, gb);
@@ -422,34 +536,93 @@ class RowKernel {
   AlignedBuffer<ChunkStats> chunk_;
 };
 
-template <typename scalar_t, bool kHasWeight, bool kHasSoftcap>
-void run_rows(const RowsProblem& p, int64_t row_begin, int64_t row_end) {
-  RowKernel<scalar_t, kHasWeight, kHasSoftcap> kernel(p);
-  for (int64_t row = row_begin; row < row_end; ++row) kernel.run(row, row + 1 < row_end);
+template <bool kValue>
+using Flag = std::integral_constant<bool, kValue>;
+
+// fn(scalar_t{}, Flag<weighted>{}, Flag<capped>{}) for the problem's dtype and features.
+template <typename Fn>
+void dispatch(ScalarKind dtype, bool weighted, bool capped, Fn&& fn) {
+  const auto with_features = [&](auto scalar) {
+    if (weighted && capped) return fn(scalar, Flag<true>{}, Flag<true>{});
+    if (weighted) return fn(scalar, Flag<true>{}, Flag<false>{});
+    if (capped) return fn(scalar, Flag<false>{}, Flag<true>{});
+    return fn(scalar, Flag<false>{}, Flag<false>{});
+  };
+  switch (dtype) {
+    case ScalarKind::Float32:
+      return with_features(float{});
+    case ScalarKind::Float64:
+      return with_features(double{});
+    case ScalarKind::BFloat16:
+      return with_features(c10::BFloat16{});
+    case ScalarKind::Float16:
+      return with_features(c10::Half{});
+  }
 }
 
-template <typename scalar_t>
-void run_rows_for_dtype(const RowsProblem& p, int64_t row_begin, int64_t row_end) {
-  const bool weighted = p.weight != nullptr, capped = p.softcap > 0;
-  if (weighted && capped) return run_rows<scalar_t, true, true>(p, row_begin, row_end);
-  if (weighted) return run_rows<scalar_t, true, false>(p, row_begin, row_end);
-  if (capped) return run_rows<scalar_t, false, true>(p, row_begin, row_end);
-  return run_rows<scalar_t, false, false>(p, row_begin, row_end);
+// The slice passes run on RowKernel's machinery: the slice is a row problem whose targets are
+// the columns, with no ignore_index, no z-loss and no gradient scale.
+RowsProblem rows_of_slice(const SliceProblem& p) {
+  RowsProblem rows{};
+  rows.dtype = p.dtype;
+  rows.logits = p.logits;
+  rows.logits_row_stride = p.logits_row_stride;
+  rows.grad = p.grad;
+  rows.grad_row_stride = p.grad_row_stride;
+  rows.target = p.column;
+  rows.weight = p.weight;
+  rows.weight_sum = p.weight_sum;
+  rows.grad_scale = nullptr;
+  rows.grad_scale_row_stride = 0;
+  rows.loss = p.loss;
+  rows.lse = nullptr;
+  rows.num_rows = p.num_rows;
+  rows.num_classes = p.num_classes;
+  rows.ignore_index = std::numeric_limits<int64_t>::min();
+  rows.k_s = p.k_s;
+  rows.k_t = p.k_t;
+  rows.z_loss = 0;
+  rows.softcap = p.softcap;
+  rows.logit_scale = p.logit_scale;
+  return rows;
 }
 
 }  // namespace
 
 void smoothed_xent_rows(const RowsProblem& problem, int64_t row_begin, int64_t row_end) {
-  switch (problem.dtype) {
-    case ScalarKind::Float32:
-      return run_rows_for_dtype<float>(problem, row_begin, row_end);
-    case ScalarKind::Float64:
-      return run_rows_for_dtype<double>(problem, row_begin, row_end);
-    case ScalarKind::BFloat16:
-      return run_rows_for_dtype<c10::BFloat16>(problem, row_begin, row_end);
-    case ScalarKind::Float16:
-      return run_rows_for_dtype<c10::Half>(problem, row_begin, row_end);
-  }
+  dispatch(problem.dtype, problem.weight != nullptr, problem.softcap > 0, [&](auto scalar, auto weighted, auto capped) {
+    RowKernel<decltype(scalar), decltype(weighted)::value, decltype(capped)::value> kernel(problem);
+    for (int64_t row = row_begin; row < row_end; ++row) kernel.run(row, row + 1 < row_end);
+  });
+}
+
+void smoothed_xent_slice_statistics(const SliceProblem& problem, int64_t row_begin, int64_t row_end) {
+  dispatch(problem.dtype, problem.weight != nullptr, problem.softcap > 0, [&](auto scalar, auto weighted, auto capped) {
+    using Kernel = RowKernel<decltype(scalar), decltype(weighted)::value, decltype(capped)::value>;
+    using acc_t = typename RowIo<decltype(scalar)>::acc_t;
+    Kernel kernel(rows_of_slice(problem));
+    auto* row_max = static_cast<acc_t*>(problem.row_max);
+    auto* log_sum = static_cast<acc_t*>(problem.log_sum);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      kernel.slice_statistics(row, row + 1 < row_end, problem.owned[row], row_max[row], log_sum[row]);
+    }
+  });
+}
+
+void smoothed_xent_slice_gradient(const SliceProblem& problem, int64_t row_begin, int64_t row_end) {
+  dispatch(problem.dtype, problem.weight != nullptr, problem.softcap > 0, [&](auto scalar, auto weighted, auto capped) {
+    using Kernel = RowKernel<decltype(scalar), decltype(weighted)::value, decltype(capped)::value>;
+    using acc_t = typename RowIo<decltype(scalar)>::acc_t;
+    Kernel kernel(rows_of_slice(problem));
+    const auto* row_max = static_cast<const acc_t*>(problem.row_max);
+    const auto* log_sum = static_cast<const acc_t*>(problem.log_sum);
+    const auto* p_coef = static_cast<const acc_t*>(problem.p_coef);
+    const auto* smooth_coef = static_cast<const acc_t*>(problem.smooth_coef);
+    const auto* true_coef = static_cast<const acc_t*>(problem.true_coef);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      kernel.slice_gradient(row, row_max[row], log_sum[row], p_coef[row], smooth_coef[row], true_coef[row]);
+    }
+  });
 }
 
 }  // namespace fused_ls::cpu::CPU_CAPABILITY

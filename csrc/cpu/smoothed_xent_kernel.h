@@ -13,15 +13,22 @@ namespace fused_ls::cpu {
 
 // Rows [row_begin, row_end) of `problem`, on the calling thread.
 using RowsFn = void (*)(const RowsProblem& problem, int64_t row_begin, int64_t row_end);
+using SliceFn = void (*)(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
 
 namespace DEFAULT {
 void smoothed_xent_rows(const RowsProblem& problem, int64_t row_begin, int64_t row_end);
+void smoothed_xent_slice_statistics(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
+void smoothed_xent_slice_gradient(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
 }
 namespace AVX2 {
 void smoothed_xent_rows(const RowsProblem& problem, int64_t row_begin, int64_t row_end);
+void smoothed_xent_slice_statistics(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
+void smoothed_xent_slice_gradient(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
 }
 namespace AVX512 {
 void smoothed_xent_rows(const RowsProblem& problem, int64_t row_begin, int64_t row_end);
+void smoothed_xent_slice_statistics(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
+void smoothed_xent_slice_gradient(const SliceProblem& problem, int64_t row_begin, int64_t row_end);
 }
 
 }  // namespace fused_ls::cpu
