@@ -20,7 +20,7 @@ rounded once to the logits' dtype; a row whose coefficients are all 0 gets zeros
 per-row inputs are float32 (float64 for float64 logits). The maths: docs/vocab-parallel.md.
 
 A backend's SliceOps are these three callables. The fused ones are torch.library ops
-(`define_slice_ops`): native registers its CPU kernels from C++ (csrc/cpu/slice_passes_cpu.cpp),
+(`define_slice_ops`): native registers its CPU and CUDA kernels from C++ (csrc/slice_ops.h),
 Triton its own (fused_ls/triton/slice_passes.py); "torch" is fused_ls.eager's.
 """
 
@@ -62,14 +62,12 @@ def _fake_grad_inplace(logits, *args):
     return None
 
 
-def define_slice_ops(suffix: str, *, stats: Callable | None = None, grad_out: Callable | None = None,
-                     device: str | None = None) -> SliceOps:
+def define_slice_ops(suffix: str, *, stats: Callable | None = None, grad_out: Callable | None = None) -> SliceOps:
     """Define fused_ls::smoothed_xent_slice_stats{suffix}, smoothed_xent_slice_grad{suffix} and
     smoothed_xent_slice_grad{suffix}_.
 
-    `stats` and `grad_out(grad, logits, ...)` implement them: for every device (`device` None),
-    or for one dispatch key only ("CUDA") where C++ registers the others. Without them the ops
-    are declared for the kernels that C++ registers."""
+    `stats` and `grad_out(grad, logits, ...)` implement them for every device. Without them the
+    ops are declared for the kernels that C++ registers (csrc/slice_ops.h)."""
     name = suffix.lstrip("_") or "native"
     stats_impl = grad_impl = grad_inplace_impl = None
     if stats is not None:
@@ -84,9 +82,7 @@ def define_slice_ops(suffix: str, *, stats: Callable | None = None, grad_out: Ca
             grad_out(logits, logits, *args)
 
     def define(schema, implementation, fake, mutated=()):
-        if device is None:
-            return define_op(schema, default=implementation, fake=fake, mutated=mutated if implementation else ())
-        return define_op(schema, kernels={device: implementation}, fake=fake, mutated=mutated)
+        return define_op(schema, default=implementation, fake=fake, mutated=mutated if implementation else ())
 
     return SliceOps(
         name,

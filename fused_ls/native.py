@@ -10,7 +10,7 @@ just-in-time build off. Whatever fails, the package still imports and the other 
 This module declares the row ops fused_ls::smoothed_xent_rows, smoothed_xent_rows_ and
 smoothed_xent_rows_loss (the contract and their fakes: fused_ls/_row_op.py) and vocabulary
 parallelism's slice passes (fused_ls/_slice_op.py); importing the extension registers their CPU
-and CUDA kernels (the slice passes' on the CPU), and a CPU kernel for fused_ls::compensated_add_
+and CUDA kernels, and a CPU kernel for fused_ls::compensated_add_
 (fused_ls/linear.py).
 """
 
@@ -28,12 +28,10 @@ import torch
 
 from fused_ls._row_op import define_row_ops
 from fused_ls._slice_op import define_slice_ops
-from fused_ls.eager import eager_slice_grad_out, eager_slice_stats
 
 ROW_OPS = define_row_ops("")
-# Vocabulary parallelism's slice passes: C++ kernels on the CPU (csrc/cpu/slice_passes_cpu.cpp);
-# on CUDA, until a CUDA kernel exists, the eager passes (Triton has fused ones there).
-SLICE_OPS = define_slice_ops("", stats=eager_slice_stats, grad_out=eager_slice_grad_out, device="CUDA")
+# Vocabulary parallelism's slice passes, registered from C++ (csrc/slice_ops.h) for the CPU and CUDA.
+SLICE_OPS = define_slice_ops("")
 
 JIT_NAME = "fused_ls_C"
 # Must match kRowOpContract in csrc/ops.cpp.

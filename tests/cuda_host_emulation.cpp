@@ -108,3 +108,11 @@ extern "C" void fused_ls_emulated_take_row_accesses(unsigned long long* out) {
   }
   out[10] = emulation::misaligned_row_accesses.exchange(0);
 }
+
+extern "C" int fused_ls_emulated_slice_statistics(const fused_ls::SliceProblem* problem) {
+  return static_cast<int>(fused_ls::cuda::launch_slice_statistics(*problem, nullptr));
+}
+
+extern "C" int fused_ls_emulated_slice_gradient(const fused_ls::SliceProblem* problem) {
+  return static_cast<int>(fused_ls::cuda::launch_slice_gradient(*problem, nullptr));
+}

@@ -172,3 +172,12 @@ def test_rows_are_printed_as_each_case_is_measured(tmp_path, monkeypatch, capsys
         if " eager " in line:
             assert line.index("eager") == head.index("provider"), (head, line)
             assert line.rstrip().endswith("reference")
+
+
+def test_vocab_parallel_bench_times_every_backend_on_a_tiny_case():
+    from fused_ls.bench import vocab_parallel
+
+    result = vocab_parallel.measure(rows=8, vocab=64, world=2, backends=("native", "torch"), warmup=0, repeats=1)
+    assert set(result["parallel_s"]) == set(result["single_s"]) and result["single_s"]
+    assert all(seconds > 0 for seconds in result["parallel_s"].values())
+    assert "parallel / single" in vocab_parallel.table(result)

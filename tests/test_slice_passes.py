@@ -9,14 +9,89 @@ and expanded per-row inputs, in place, and output buffers poisoned before the ca
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
 import torch
+from conftest import ALL_BACKENDS
 from oracle import GRAD_TOL, LOSS_TOL, TRITON_FLOAT64_GRAD_ATOL, softcapped_grad_atol
+from test_native import _SCALAR_KIND, emulated_cuda  # noqa: F401  (a fixture)
 
 import fused_ls.triton.slice_passes as triton_slice_passes
 from fused_ls import backends
+from fused_ls._slice_op import SliceOps, statistics_outputs
+
+# Every backend that runs here, and the native CUDA kernels run on the CPU by
+# tests/cuda_host_emulation.cpp.
+EMULATED = "cuda_emulated"
+
+
+class _SliceProblem(ctypes.Structure):
+    """ctypes mirror of fused_ls::SliceProblem (csrc/smoothed_xent.h)."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int), ("logits", ctypes.c_void_p), ("logits_row_stride", ctypes.c_int64),
+        ("grad", ctypes.c_void_p), ("grad_row_stride", ctypes.c_int64), ("column", ctypes.c_void_p),
+        ("owned", ctypes.c_void_p), ("weight", ctypes.c_void_p), ("weight_sum", ctypes.c_void_p),
+        ("row_max", ctypes.c_void_p), ("log_sum", ctypes.c_void_p), ("loss", ctypes.c_void_p),
+        ("p_coef", ctypes.c_void_p), ("smooth_coef", ctypes.c_void_p), ("true_coef", ctypes.c_void_p),
+        ("num_rows", ctypes.c_int64), ("num_classes", ctypes.c_int64), ("k_s", ctypes.c_double),
+        ("k_t", ctypes.c_double), ("softcap", ctypes.c_double), ("logit_scale", ctypes.c_double),
+    ]
+
+
+def _emulated_slice_ops(lib) -> SliceOps:
+    """The CUDA launchers behind SliceOps' signatures, outputs poisoned with NaN first."""
+
+    def pointer(t):
+        return None if t is None else t.data_ptr()
+
+    def problem(logits, column, weight, **fields):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        w = None if weight is None else weight.to(acc).contiguous()
+        kept = [column.contiguous(), w, None if w is None else w.sum()]
+        kept += [fields[k] for k in fields if isinstance(fields[k], torch.Tensor)]
+        values = {k: pointer(v) if isinstance(v, torch.Tensor) or v is None else v for k, v in fields.items()}
+        return _SliceProblem(dtype=_SCALAR_KIND[logits.dtype], logits=logits.data_ptr(),
+                             logits_row_stride=logits.stride(0), column=kept[0].data_ptr(), weight=pointer(w),
+                             weight_sum=pointer(kept[2]), num_rows=logits.shape[0], num_classes=logits.shape[1],
+                             **values), kept
+
+    def stats(logits, column, owned, weight, k_s, k_t, softcap, logit_scale):
+        row_max, log_sum, loss = (t.fill_(math.nan) for t in statistics_outputs(logits))
+        owned = owned.contiguous()
+        p, kept = problem(logits, column, weight, owned=owned, row_max=row_max, log_sum=log_sum, loss=loss, k_s=k_s,
+                          k_t=k_t, softcap=softcap, logit_scale=logit_scale)
+        assert lib.fused_ls_emulated_slice_statistics(ctypes.byref(p)) == 0
+        return row_max, log_sum, loss
+
+    def grad_out(grad, logits, column, weight, *per_row_and_scalars):
+        *per_row, softcap, logit_scale = per_row_and_scalars
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        row_max, log_sum, p_coef, smooth_coef, true_coef = (t.to(acc).contiguous() for t in per_row)
+        p, kept = problem(logits, column, weight, grad=grad, grad_row_stride=grad.stride(0), row_max=row_max,
+                          log_sum=log_sum, p_coef=p_coef, smooth_coef=smooth_coef, true_coef=true_coef,
+                          softcap=softcap, logit_scale=logit_scale)
+        assert lib.fused_ls_emulated_slice_gradient(ctypes.byref(p)) == 0
+
+    def grad(logits, *args):
+        out = torch.full_like(logits, math.nan, memory_format=torch.contiguous_format)
+        grad_out(out, logits, *args)
+        return out
+
+    def grad_inplace(logits, *args):
+        grad_out(logits, logits, *args)
+
+    return SliceOps(EMULATED, stats, grad, grad_inplace)
+
+
+@pytest.fixture(params=ALL_BACKENDS + [EMULATED])
+def slice_backend(request):
+    """(name, SliceOps) of every backend that runs here, the emulated CUDA kernels included."""
+    if request.param == EMULATED:
+        return EMULATED, _emulated_slice_ops(request.getfixturevalue("emulated_cuda"))
+    return request.param, backends.slice_ops(request.param)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -73,11 +148,11 @@ def _true_statistics(logits, column, owned, weight, k_s, k_t, softcap, logit_sca
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("masked", [False, True], ids=["finite", "masked"])
-def test_statistics_pass_matches_its_definition(backend, device, dtype, weighted, softcap, masked, monkeypatch):
+def test_statistics_pass_matches_its_definition(slice_backend, device, dtype, weighted, softcap, masked, monkeypatch):
+    backend, ops = slice_backend
     monkeypatch.setattr(triton_slice_passes, "CHUNK_BYTES", 64)  # several chunks a row
     logits, column, owned, weight = _inputs(dtype, 37, weighted, masked)
     k_s, k_t, logit_scale = 0.1 / 50, 0.9, 1.3
-    ops = backends.slice_ops(backend)
     row_max, log_sum, loss = ops.stats(logits.to(device), column.to(device), owned.to(device),
                                        None if weight is None else weight.to(device), k_s, k_t, softcap, logit_scale)
     true_max, true_log_sum, true_loss = _true_statistics(logits, column, owned, weight, k_s, k_t, softcap, logit_scale)
@@ -93,7 +168,8 @@ def test_statistics_pass_matches_its_definition(backend, device, dtype, weighted
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["new", "inplace"])
-def test_gradient_pass_matches_its_definition(backend, device, dtype, weighted, softcap, inplace, monkeypatch):
+def test_gradient_pass_matches_its_definition(slice_backend, device, dtype, weighted, softcap, inplace, monkeypatch):
+    backend, ops = slice_backend
     monkeypatch.setattr(triton_slice_passes, "CHUNK_BYTES", 64)
     n, V = 9, 37
     logits, column, _, weight = _inputs(dtype, V, weighted, masked=False, n=n)
@@ -120,7 +196,6 @@ def test_gradient_pass_matches_its_definition(backend, device, dtype, weighted, 
         expected = expected * (1 - (y / softcap) ** 2)
     expected[2] = 0.0
 
-    ops = backends.slice_ops(backend)
     x = logits.to(device)
     # Per-row inputs as callers may pass them: log_sum a strided view.
     per_row = (row_max.to(acc), torch.stack([log_sum, log_sum], 1).to(acc)[:, 0], p_coef.to(acc),
@@ -141,14 +216,15 @@ def test_gradient_pass_matches_its_definition(backend, device, dtype, weighted, 
     torch.testing.assert_close(grad.cpu().double(), expected, rtol=rtol, atol=atol)
 
 
-def test_expanded_smoothing_coefficient_is_read_per_row(backend, device):
+def test_expanded_smoothing_coefficient_is_read_per_row(slice_backend, device):
+    backend, ops = slice_backend
     n, V = 5, 24
     logits = torch.randn(n, V, device=device)
     column = torch.randint(0, V, (n,), device=device)
     stats = torch.zeros(n, device=device), torch.full((n,), 50.0, device=device)  # p = e^(y - 50): about 0
     p_coef = torch.ones(n, device=device)
     smooth = torch.full((), 0.25, device=device).expand(n)  # stride 0
-    grad = backends.slice_ops(backend).grad(logits, column, None, *stats, p_coef, smooth,
+    grad = ops.grad(logits, column, None, *stats, p_coef, smooth,
                                             torch.zeros(n, device=device), 0.0, 1.0)
     torch.testing.assert_close(grad, torch.full((n, V), -0.25, device=device), rtol=0, atol=1e-6)
 

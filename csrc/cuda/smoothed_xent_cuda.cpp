@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../row_ops.h"
+#include "../slice_ops.h"
 #include "smoothed_xent_cuda.h"
 
 namespace fused_ls::cuda {
@@ -43,8 +44,24 @@ struct CudaDevice {
   }
 };
 
+struct CudaSliceDevice {
+  static void check(const at::Tensor& logits) { CudaDevice::check(logits); }
+  using Guard = CudaDevice::Guard;
+  // Reading the columns would sync with the host: the kernels never dereference one outside the slice.
+  static void check_columns(const at::Tensor&, int64_t) {}
+  static void statistics(const SliceProblem& p, const at::Tensor&) {
+    C10_CUDA_CHECK(launch_slice_statistics(p, c10::cuda::getCurrentCUDAStream().stream()));
+  }
+  static void gradient(const SliceProblem& p, const at::Tensor&) {
+    C10_CUDA_CHECK(launch_slice_gradient(p, c10::cuda::getCurrentCUDAStream().stream()));
+  }
+};
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_ls, CUDA, m) { register_row_ops<CudaDevice>(m); }
+TORCH_LIBRARY_IMPL(fused_ls, CUDA, m) {
+  register_row_ops<CudaDevice>(m);
+  register_slice_ops<CudaSliceDevice>(m);
+}
 
 }  // namespace fused_ls::cuda

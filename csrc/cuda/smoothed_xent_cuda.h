@@ -23,4 +23,8 @@ size_t workspace_bytes(const RowsProblem& problem, int blocks_per_row);
 cudaError_t launch_smoothed_xent_rows(const RowsProblem& problem, int blocks_per_row, void* workspace,
                                       cudaStream_t stream);
 
+// Vocabulary parallelism's statistics and gradient passes over a slice, one block per row.
+cudaError_t launch_slice_statistics(const SliceProblem& problem, cudaStream_t stream);
+cudaError_t launch_slice_gradient(const SliceProblem& problem, cudaStream_t stream);
+
 }  // namespace fused_ls::cuda

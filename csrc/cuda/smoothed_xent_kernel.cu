@@ -65,6 +65,7 @@
 #include "smoothed_xent_cuda.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include <cuda_bf16.h>
@@ -203,6 +204,7 @@ struct Params {
   acc_t* lse;
   int64_t num_classes, ignore_index;
   acc_t k_s, k_t, z_loss, softcap, logit_scale;
+  acc_t dydx_scale;  // what dy/dx multiplies the gradient by: logit_scale, or 1 where the caller folded it in
   bool has_softcap;
   int blocks_per_row;
   int64_t columns_per_block;  // a multiple of the vector width
@@ -463,10 +465,10 @@ __device__ acc_t gradient(acc_t y, int64_t c, const RowConstants<acc_t>& k, cons
   // y - max is exact for nearby values, unlike y - lse with lse rounded at the logits' scale
   // (a relative error of 5e-4 in p at logits around 1e4 in fp32).
   const acc_t g = k.p_coef * exp_((y - k.max) - k.log_s) - k.k_s * w - (c == k.target ? k.true_mass : acc_t(0));
-  acc_t dydx = p.logit_scale;
+  acc_t dydx = p.dydx_scale;
   if (p.has_softcap) {
     const acc_t r = y / p.softcap;
-    dydx = p.logit_scale * (1 - r * r);
+    dydx = p.dydx_scale * (1 - r * r);
   }
   return g * (k.grad_scale * dydx);
 }
@@ -621,6 +623,121 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_split_gradient_kern
   block_gradient<scalar_t, kVec>(x, g, slice.c0, slice.c1, constants, p);
 }
 
+// Vocabulary parallelism's passes over this rank's slice of the classes (SliceProblem in
+// ../smoothed_xent.h), one block per row, on the row kernel's pass 1 and pass 2: the slice is a
+// row problem whose targets are the columns, with no ignore_index and no z-loss. Neither
+// dereferences a column outside the slice, whatever the caller passed.
+
+// The gradient pass's per-row inputs.
+template <typename acc_t>
+struct SliceCoefficients {
+  const acc_t *row_max, *log_sum, *p_coef, *smooth_coef, *true_coef;
+};
+
+// Statistics: m_r, log s_r and L_r = sum_c q_c (lse_r - y_c), the target's own mass only where `owned`.
+template <typename scalar_t, int kVec, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads) smoothed_xent_slice_stats_kernel(const Params<acc_t> p,
+                                                                                const bool* owned, acc_t* row_max,
+                                                                                acc_t* log_sum) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
+  const int64_t column = p.target[row];
+  const RowTarget rt{column, owned[row] && 0 <= column && column < p.num_classes};
+  RowInputs<acc_t> in = row_inputs(x, rt, p);
+  if (!rt.has_grad) {  // the smoothing sum of every class still wants a finite reference of the row
+    const acc_t y0 = transform(Io<scalar_t>::to_acc(load_one(x)), p);
+    in.ref = isfinite(y0) ? y0 : acc_t(0);
+  }
+  const Partial<acc_t> part =
+      block_partial<true, scalar_t, kVec>(x, 0, p.num_classes, in.ref, rt.has_grad ? column : int64_t(-1), p);
+  if (threadIdx.x != 0) return;
+  const acc_t m = part.max;
+  if (m == -INFINITY) {  // every y -inf: no lse_r; the ranks' combination adds the slice's whole share
+    row_max[row] = m;
+    log_sum[row] = m;
+    p.loss[row] = acc_t(0);
+    return;
+  }
+  const acc_t log_s = log_(part.sum_exp);
+  const acc_t total_weight = p.weight != nullptr ? *p.weight_sum : acc_t(p.num_classes);
+  const acc_t w_t = rt.has_grad ? (p.weight != nullptr ? p.weight[column] : acc_t(1)) : acc_t(0);
+  const acc_t deviation = (m - in.ref) * (total_weight - w_t) - part.sum_wd;  // as finish_row's
+  const acc_t target_mass = (p.k_s + p.k_t) * w_t;
+  row_max[row] = m;
+  log_sum[row] = log_s;
+  p.loss[row] = (p.k_s * total_weight + p.k_t * w_t) * log_s + (p.k_s != 0 ? p.k_s * deviation : acc_t(0)) +
+                (target_mass != 0 ? target_mass * (m - in.y_t) : acc_t(0));
+}
+
+// Gradient: pass 2 with the row's global (m, log s) and the caller's coefficients; zeros, and
+// nothing read, for a row whose coefficients are all 0.
+template <typename scalar_t, int kVec, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads) smoothed_xent_slice_grad_kernel(const Params<acc_t> p,
+                                                                               const SliceCoefficients<acc_t> c) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
+  scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
+  RowConstants<acc_t> k;
+  k.max = c.row_max[row];
+  k.log_s = c.log_sum[row];
+  k.p_coef = c.p_coef[row];
+  k.k_s = c.smooth_coef[row];
+  k.true_mass = c.true_coef[row];
+  k.grad_scale = acc_t(1);
+  const int64_t column = p.target[row];
+  k.target = 0 <= column && column < p.num_classes ? column : int64_t(-1);
+  if (k.p_coef == 0 && k.k_s == 0 && k.true_mass == 0) {
+    block_zeros<scalar_t, kVec>(g, 0, p.num_classes);
+  } else {
+    block_gradient<scalar_t, kVec>(x, g, 0, p.num_classes, k, p);
+  }
+}
+
+template <typename scalar_t, typename acc_t = typename Io<scalar_t>::acc_t>
+Params<acc_t> slice_params(const SliceProblem& problem) {
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+  Params<acc_t> p{};
+  p.logits = problem.logits;
+  p.grad = problem.grad;
+  p.logits_row_stride = problem.logits_row_stride;
+  p.grad_row_stride = problem.grad_row_stride;
+  p.target = problem.column;
+  p.weight = static_cast<const acc_t*>(problem.weight);
+  p.weight_sum = static_cast<const acc_t*>(problem.weight_sum);
+  p.grad_scale = nullptr;
+  p.grad_scale_row_stride = 0;
+  p.loss = static_cast<acc_t*>(problem.loss);
+  p.lse = nullptr;
+  p.num_classes = problem.num_classes;
+  p.ignore_index = INT64_MIN;  // no column is ignored
+  p.k_s = static_cast<acc_t>(problem.k_s);
+  p.k_t = static_cast<acc_t>(problem.k_t);
+  p.z_loss = acc_t(0);
+  p.has_softcap = problem.softcap > 0;
+  p.softcap = static_cast<acc_t>(p.has_softcap ? problem.softcap : 1.0);
+  p.logit_scale = static_cast<acc_t>(problem.logit_scale);
+  p.dydx_scale = acc_t(1);  // logit_scale is in the caller's coefficients
+  p.blocks_per_row = 1;
+  p.columns_per_block = (problem.num_classes + kVec - 1) / kVec * kVec;
+  return p;
+}
+
+// fn(scalar_t{}) for the problem's dtype.
+template <typename Fn>
+cudaError_t with_dtype(ScalarKind dtype, Fn&& fn) {
+  switch (dtype) {
+    case ScalarKind::Float32:
+      return fn(float{});
+    case ScalarKind::Float64:
+      return fn(double{});
+    case ScalarKind::BFloat16:
+      return fn(__nv_bfloat16{});
+    case ScalarKind::Float16:
+      return fn(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 int threads_for(int64_t columns, int vec) {
   const int64_t loads = (columns + vec - 1) / vec;
   return loads <= 1024 ? 128 : loads <= 4096 ? 256 : kMaxThreads;
@@ -670,6 +787,7 @@ cudaError_t launch_for_dtype(const RowsProblem& problem, int blocks_per_row, voi
   p.has_softcap = problem.softcap > 0;
   p.softcap = static_cast<acc_t>(p.has_softcap ? problem.softcap : 1.0);
   p.logit_scale = static_cast<acc_t>(problem.logit_scale);
+  p.dydx_scale = p.logit_scale;
   p.blocks_per_row = blocks_per_row;
   // Slices of whole vectors: for an aligned row every slice starts at a 16-byte boundary (each
   // slice cuts its own head and tail in any case).
@@ -711,6 +829,39 @@ cudaError_t launch_smoothed_xent_rows(const RowsProblem& problem, int blocks_per
       return launch_for_dtype<__half>(problem, blocks_per_row, workspace, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_slice_statistics(const SliceProblem& problem, cudaStream_t stream) {
+  if (problem.num_rows == 0) return cudaSuccess;
+  if (problem.num_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  return with_dtype(problem.dtype, [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    using acc_t = typename Io<scalar_t>::acc_t;
+    constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+    const Params<acc_t> p = slice_params<scalar_t>(problem);
+    const auto kernel = &smoothed_xent_slice_stats_kernel<scalar_t, kVec, acc_t>;
+    FUSED_LS_CUDA_LAUNCH(kernel, static_cast<unsigned>(problem.num_rows), threads_for(problem.num_classes, kVec), stream,
+                         p, problem.owned, static_cast<acc_t*>(problem.row_max), static_cast<acc_t*>(problem.log_sum));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_slice_gradient(const SliceProblem& problem, cudaStream_t stream) {
+  if (problem.num_rows == 0) return cudaSuccess;
+  if (problem.num_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  return with_dtype(problem.dtype, [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    using acc_t = typename Io<scalar_t>::acc_t;
+    constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+    const Params<acc_t> p = slice_params<scalar_t>(problem);
+    const SliceCoefficients<acc_t> c{static_cast<const acc_t*>(problem.row_max), static_cast<const acc_t*>(problem.log_sum),
+                                     static_cast<const acc_t*>(problem.p_coef), static_cast<const acc_t*>(problem.smooth_coef),
+                                     static_cast<const acc_t*>(problem.true_coef)};
+    const auto kernel = &smoothed_xent_slice_grad_kernel<scalar_t, kVec, acc_t>;
+    FUSED_LS_CUDA_LAUNCH(kernel, static_cast<unsigned>(problem.num_rows), threads_for(problem.num_classes, kVec), stream,
+                         p, c);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace fused_ls::cuda
