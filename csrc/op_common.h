@@ -37,6 +37,8 @@ struct PreparedRows {
   at::Tensor grad_scale;  // acc, 0-d or (N,) contiguous; undefined for the loss-only op
   at::Tensor loss;        // (N,) acc
   at::Tensor lse;         // (N,) acc
+  at::Tensor predicted;   // (N,) int64, the caller's; undefined when no argmax is asked for
+  at::Tensor precomputed_lse;  // (N,) acc, contiguous; undefined when none is given
   RowsProblem problem;
 
   // Where the gradient goes: a new buffer, or the logits themselves (in place).
@@ -50,7 +52,8 @@ struct PreparedRows {
 inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& target,
                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad_scale,
                                  double k_s, double k_t, int64_t ignore_index, double z_loss, double softcap,
-                                 double logit_scale) {
+                                 double logit_scale, const std::optional<at::Tensor>& predicted,
+                                 const std::optional<at::Tensor>& precomputed_lse) {
   TORCH_CHECK(logits.dim() == 2, "fused_ls: logits must be 2-D (rows, classes), got shape ", logits.sizes());
   const int64_t num_rows = logits.size(0), num_classes = logits.size(1);
   TORCH_CHECK(num_classes >= 1, "fused_ls: logits need at least one class");
@@ -80,6 +83,14 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
   TORCH_CHECK(std::isfinite(k_s) && std::isfinite(k_t) && k_s >= 0.0,
               "fused_ls: the smoothing masses must be finite with k_s >= 0, got k_s=", k_s, ", k_t=", k_t);
   TORCH_CHECK(softcap >= 0.0, "fused_ls: softcap must be > 0 (or 0 for none), got ", softcap);
+  if (predicted.has_value()) {
+    TORCH_CHECK(predicted->scalar_type() == at::kLong && predicted->dim() == 1 && predicted->size(0) == num_rows &&
+                    predicted->is_contiguous(),
+                "fused_ls: predicted must be a contiguous int64 buffer of shape (", num_rows, ",), got ",
+                predicted->scalar_type(), " of shape ", predicted->sizes());
+    TORCH_CHECK(predicted->device() == logits.device(), "fused_ls: predicted is on ", predicted->device(),
+                ", logits on ", logits.device());
+  }
 
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   PreparedRows out;
@@ -104,6 +115,16 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
   }
   out.loss = at::empty({num_rows}, logits.options().dtype(acc));
   out.lse = at::empty({num_rows}, logits.options().dtype(acc));
+  if (predicted.has_value()) out.predicted = *predicted;
+  if (precomputed_lse.has_value()) {
+    TORCH_CHECK(precomputed_lse->dim() == 1 && precomputed_lse->size(0) == num_rows &&
+                    at::isFloatingType(precomputed_lse->scalar_type()),
+                "fused_ls: precomputed_lse must be floating point of shape (", num_rows, ",), got ",
+                precomputed_lse->scalar_type(), " of shape ", precomputed_lse->sizes());
+    TORCH_CHECK(precomputed_lse->device() == logits.device(), "fused_ls: precomputed_lse is on ",
+                precomputed_lse->device(), ", logits on ", logits.device());
+    out.precomputed_lse = precomputed_lse->to(acc).contiguous();
+  }
 
   RowsProblem& p = out.problem;
   p.dtype = kind;
@@ -126,6 +147,8 @@ inline PreparedRows prepare_rows(const at::Tensor& logits, const at::Tensor& tar
   p.z_loss = z_loss;
   p.softcap = softcap;
   p.logit_scale = logit_scale;
+  p.predicted = out.predicted.defined() ? out.predicted.data_ptr<int64_t>() : nullptr;
+  p.precomputed_lse = out.precomputed_lse.defined() ? out.precomputed_lse.data_ptr() : nullptr;
   return out;
 }
 

@@ -12,7 +12,7 @@ namespace {
 // The row-op contract this binary's kernels register for (fused_ls/native.py looks for it in
 // the file before importing it: a binary built for another contract would abort the process
 // when its registrations met the Python schemas). Bump with any change of the schemas.
-constexpr const char* kRowOpContract = "fused_ls row-op contract 3: masses as floats, slice passes";
+constexpr const char* kRowOpContract = "fused_ls row-op contract 5: masses as floats, slice passes, argmax, given lse";
 
 #ifdef FUSED_LS_WITH_CUDA
 constexpr long kWithCuda = 1;

@@ -4,7 +4,8 @@
 //     static void check(const at::Tensor& logits);          the logits are on this device
 //     struct Guard { explicit Guard(const at::Tensor&); };   held for the whole call
 //     static at::Tensor empty_gradient(const at::Tensor& logits);
-//     static void run(PreparedRows& prepared, const at::Tensor& logits);   problem.grad set or null
+//     static void run(PreparedRows& prepared, const at::Tensor& logits);   problem.grad set or null,
+//                                                                         problem.predicted too
 // and registers RowOps<Device> for its dispatch key with register_row_ops.
 #pragma once
 
@@ -25,11 +26,14 @@ struct RowOps {
                                                              const std::optional<at::Tensor>& weight,
                                                              const at::Tensor& grad_scale, double k_s, double k_t,
                                                              int64_t ignore_index, double z_loss, double softcap,
-                                                             double logit_scale) {
+                                                             double logit_scale,
+                                                             const std::optional<at::Tensor>& predicted,
+                                                             const std::optional<at::Tensor>& precomputed_lse) {
     Device::check(logits);
     const typename Device::Guard guard(logits);
     PreparedRows prepared =
-        prepare_rows(logits, target, weight, grad_scale, k_s, k_t, ignore_index, z_loss, softcap, logit_scale);
+        prepare_rows(logits, target, weight, grad_scale, k_s, k_t, ignore_index, z_loss, softcap, logit_scale,
+                     predicted, precomputed_lse);
     at::Tensor grad = Device::empty_gradient(logits);
     prepared.set_gradient(grad);
     Device::run(prepared, logits);
@@ -41,12 +45,15 @@ struct RowOps {
                                                          const std::optional<at::Tensor>& weight,
                                                          const at::Tensor& grad_scale, double k_s, double k_t,
                                                          int64_t ignore_index, double z_loss, double softcap,
-                                                         double logit_scale) {
+                                                         double logit_scale,
+                                                         const std::optional<at::Tensor>& predicted,
+                                                         const std::optional<at::Tensor>& precomputed_lse) {
     Device::check(logits);
     at::assert_no_internal_overlap(logits);  // rows sharing memory would race
     const typename Device::Guard guard(logits);
     PreparedRows prepared =
-        prepare_rows(logits, target, weight, grad_scale, k_s, k_t, ignore_index, z_loss, softcap, logit_scale);
+        prepare_rows(logits, target, weight, grad_scale, k_s, k_t, ignore_index, z_loss, softcap, logit_scale,
+                     predicted, precomputed_lse);
     prepared.set_gradient(logits);
     Device::run(prepared, logits);
     return {prepared.loss, prepared.lse};
@@ -56,11 +63,14 @@ struct RowOps {
   static std::tuple<at::Tensor, at::Tensor> rows_loss(const at::Tensor& logits, const at::Tensor& target,
                                                       const std::optional<at::Tensor>& weight, double k_s,
                                                       double k_t, int64_t ignore_index, double z_loss,
-                                                      double softcap, double logit_scale) {
+                                                      double softcap, double logit_scale,
+                                                      const std::optional<at::Tensor>& predicted,
+                                                      const std::optional<at::Tensor>& precomputed_lse) {
     Device::check(logits);
     const typename Device::Guard guard(logits);
     PreparedRows prepared =
-        prepare_rows(logits, target, weight, std::nullopt, k_s, k_t, ignore_index, z_loss, softcap, logit_scale);
+        prepare_rows(logits, target, weight, std::nullopt, k_s, k_t, ignore_index, z_loss, softcap, logit_scale,
+                     predicted, precomputed_lse);
     Device::run(prepared, logits);
     return {prepared.loss, prepared.lse};
   }

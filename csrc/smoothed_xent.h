@@ -54,6 +54,10 @@ struct RowsProblem {
   double z_loss;
   double softcap;              // 0: no softcap
   double logit_scale;
+  int64_t* predicted;          // (num_rows,) each row's argmax out: the first class of largest y (0 for a
+                               // row of -inf only, any class for a row holding NaN); nullptr: not asked for
+  const void* precomputed_lse;  // (num_rows,) acc: each row's lse from a previous pass, used (and written
+                                // out as lse) in place of the kernel's own; nullptr: none given
 };
 
 // Vocabulary parallelism's two passes over this rank's slice of the classes (fused_ls/parallel.py

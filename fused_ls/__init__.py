@@ -5,7 +5,7 @@
 """
 
 from fused_ls.backends import available_backends
-from fused_ls.functional import SmoothedCrossEntropyLoss, smoothed_xent, tune
+from fused_ls.functional import SmoothedCrossEntropyLoss, SmoothedXentOutput, smoothed_xent, tune
 from fused_ls.linear import SmoothedLinearCrossEntropyLoss, smoothed_linear_xent
 from fused_ls.reference import smoothed_xent_reference
 
@@ -13,5 +13,5 @@ from fused_ls._version import __version__
 
 __all__ = [
     "smoothed_xent", "SmoothedCrossEntropyLoss", "smoothed_linear_xent", "SmoothedLinearCrossEntropyLoss",
-    "available_backends", "smoothed_xent_reference", "tune", "__version__",
+    "SmoothedXentOutput", "available_backends", "smoothed_xent_reference", "tune", "__version__",
 ]

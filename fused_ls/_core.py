@@ -7,6 +7,8 @@ the mean's denominator folded into the gradient, and the reduction.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
 import torch
 
 from fused_ls import backends
@@ -140,6 +142,18 @@ def check_arguments(logits, target, label_smoothing, weight, reduction, conventi
     check_convention(convention, num_classes)
 
 
+def check_precomputed_lse(precomputed_lse, target, logits) -> None:
+    if precomputed_lse is None:
+        return
+    if not isinstance(precomputed_lse, torch.Tensor) or not precomputed_lse.is_floating_point():
+        raise TypeError(f"precomputed_lse must be a floating-point tensor, got {getattr(precomputed_lse, 'dtype', precomputed_lse)!r}")
+    if tuple(precomputed_lse.shape) != tuple(target.shape):
+        raise ValueError(f"precomputed_lse must have the shape of target {tuple(target.shape)}, got "
+                         f"{tuple(precomputed_lse.shape)}")
+    if precomputed_lse.device != logits.device:
+        raise ValueError(f"precomputed_lse is on {precomputed_lse.device} but logits are on {logits.device}")
+
+
 def check_targets(target, V, ignore_index):
     """Raise for an out-of-range target when that costs no device sync (CPU, eager)."""
     if (target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0
@@ -239,6 +253,36 @@ def z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss
     # Every row ignored: nothing is scaled (the mean is 0 either way).
     ratio = torch.where(count != 0, count / weight_sum, 1.0)
     return weight.to(acc_dtype) * ratio, count
+
+
+class SmoothedXentOutput(NamedTuple):
+    """What smoothed_xent and smoothed_linear_xent return with ``return_accuracy`` or
+    ``return_predictions``; the fields not asked for are None."""
+
+    loss: torch.Tensor
+    lse: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+
+
+def prediction_buffer(rows: torch.Tensor, predict: bool) -> torch.Tensor | None:
+    """The (N,) int64 buffer a row op writes each row's argmax into, or None."""
+    return rows.new_empty(rows.shape[0], dtype=torch.int64) if predict else None
+
+
+def with_predictions(loss, lse, predicted, target, ignore_index, return_accuracy, return_predictions):
+    """The SmoothedXentOutput of a call; `predicted` is shaped like `target`."""
+    accuracy = token_accuracy(predicted, target, ignore_index) if return_accuracy else None
+    return SmoothedXentOutput(loss, lse, accuracy, predicted if return_predictions else None)
+
+
+def token_accuracy(predicted: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """0-d float32: the share of the non-ignored targets that equal their row's prediction; 0
+    when every target is ignored (a fully padded micro-batch logs 0, not NaN, as its loss)."""
+    valid = not_ignored(target, ignore_index)
+    correct = ((predicted == target) & valid).sum(dtype=torch.float32)
+    count = valid.sum(dtype=torch.float32)
+    return correct / count.clamp_min(1.0)
 
 
 def reduce_rows(loss_rows: torch.Tensor, reduction: str, grad_scale: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,8 @@ def _bumping_versions(kernel: Callable, mutated: tuple[int, ...]) -> Callable:
     if not mutated:
         return kernel
 
-    def run(*args):
-        result = kernel(*args)
+    def run(*args, **kwargs):
+        result = kernel(*args, **kwargs)
         for position in mutated:
             torch.autograd.graph.increment_version(args[position])
         return result

@@ -36,12 +36,16 @@ def transform(x: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tens
     return y
 
 
-def slice_statistics(x, weight, column, owned, w_t, weight_sum, options, *, out_max, out_log_sum, out_loss):
+def slice_statistics(x, weight, column, owned, w_t, weight_sum, options, *, out_max, out_log_sum, out_loss,
+                     out_argmax=None):
     """m_r, log s_r and L_r = sum_c q_c (lse_r - y_c) for a block of rows over a slice of the
     classes (the whole row on one device). `column` is each row's target within the slice
     (any value where not `owned`), `w_t` its class weight (0 where not owned), `weight_sum`
-    the slice's sum of class weights."""
+    the slice's sum of class weights; `out_argmax`, if given, gets each row's first class of
+    largest y."""
     y = transform(x.to(out_max.dtype), options.logit_scale, options.softcap)
+    if out_argmax is not None:
+        out_argmax.copy_(y.argmax(dim=1))  # the first of equal maxima, as the kernels take it
     row_max = y.amax(dim=1, keepdim=True)
     # A slice whose logits are all -inf (a masked part of the vocabulary) is centred on 0,
     # not on its max: -inf - -inf would be NaN.
@@ -89,10 +93,12 @@ def slice_gradient(x, weight, column, row_max, log_sum, p_coef, smooth_coef, tru
     out.copy_(grad)
 
 
-def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
+def _run_out(logits, target, weight, grad_scale, grad, loss, lse, k_s, k_t, ignore_index, z_loss, softcap, logit_scale,
+             predicted=None, precomputed_lse=None):
     """The row op's contract on one device: the whole row is one slice."""
-    options = RowOptions(*scalars)
-    check_row_op_arguments(logits, target, weight, grad_scale, options.k_s, options.k_t, options.softcap)
+    options = RowOptions(k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
+    check_row_op_arguments(logits, target, weight, grad_scale, options.k_s, options.k_t, options.softcap, predicted,
+                           precomputed_lse)
     n_rows, V = logits.shape
     acc = loss.dtype
     target = target.long()
@@ -109,8 +115,17 @@ def _run_out(logits, target, weight, grad_scale, grad, loss, lse, *scalars):
     row_max, log_sum = torch.empty_like(loss), torch.empty_like(loss)
     for rows in row_blocks(n_rows, V):
         slice_statistics(logits[rows], weight, column[rows], active[rows], w_t[rows], weight_sum, options,
-                         out_max=row_max[rows], out_log_sum=log_sum[rows], out_loss=loss[rows])
+                         out_max=row_max[rows], out_log_sum=log_sum[rows], out_loss=loss[rows],
+                         out_argmax=None if predicted is None else predicted[rows])
     lse.copy_(row_max + log_sum)
+    if precomputed_lse is not None:
+        # The caller's lse in place of this one: every distance lse - y_c moves by the same
+        # amount, so the loss by the row's whole mass times it; p is taken against it.
+        given = precomputed_lse.to(acc)
+        total_mass = options.k_s * weight_sum + options.k_t * w_t
+        loss.add_(torch.where(active, total_mass * (given - lse), 0.0))
+        row_max, log_sum = given, torch.zeros_like(given)
+        lse.copy_(given)
     finite = row_max > -math.inf  # a row of -inf logits: NaN, as in PyTorch
     loss.copy_(torch.where(finite, loss + options.z_loss * lse.square(), math.nan))
     loss.copy_(torch.where(valid, torch.where(active, loss, math.nan), 0.0))

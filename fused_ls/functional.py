@@ -15,7 +15,9 @@ import torch
 
 from fused_ls import _core, backends
 from fused_ls._autograd import check_inplace_allowed, refuse_create_graph, scale_saved_gradient
-from fused_ls._core import accumulation_dtype, not_ignored, reduce_rows
+from fused_ls._core import (SmoothedXentOutput, accumulation_dtype, not_ignored, prediction_buffer, reduce_rows,
+                            with_predictions)
+from fused_ls.eager import transform
 from fused_ls.reference import smoothed_xent_reference
 
 
@@ -34,6 +36,9 @@ def smoothed_xent(
     logit_scale: float = 1.0,
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
+    return_accuracy: bool = False,
+    return_predictions: bool = False,
+    precomputed_lse: torch.Tensor | None = None,
     inplace_backward: bool = False,
     recompute_backward: bool = False,
     process_group=None,
@@ -71,6 +76,22 @@ def smoothed_xent(
             normalizer that requires grad is differentiated, on every backend.
         return_lse: also return the per-row logsumexp of y (shape of ``target``, float32, not
             differentiable).
+        return_accuracy: also return the token accuracy: the share of the targets that are not
+            ``ignore_index`` whose class is the row's prediction (0-d float32; 0 when every
+            target is ignored, as for the loss), unweighted. Taken in the pass that reads the
+            logits anyway: no extra read on the Triton and native CPU backends.
+        return_predictions: also return each row's prediction (shape of ``target``, int64): the
+            first class of largest y, the logits as the loss sees them (after ``logit_scale``
+            and ``softcap``), as ``argmax`` takes it; class 0 for a row of -inf only, and any
+            class for a row holding NaN.
+        precomputed_lse: each row's logsumexp of y (shape of ``target``), from a previous pass
+            over the same logits (``return_lse`` gives it), as flash-attention's
+            ``precomputed_lse``. The fused backends use it in place of their own: a row's loss
+            and gradient need no max or sum first, so the Triton kernel reads every row once
+            where its streamed launch reads it twice. It is trusted, not checked: the loss and
+            gradient are those of the lse given, and it is not differentiated (the gradient
+            is the logits' total one, for the lse of these logits). ``backend="torch"``
+            computes its own.
         inplace_backward: write the gradient into ``logits`` instead of a new buffer: no memory
             beyond the logits. ``logits`` is overwritten by the forward; an op that saved it for
             its own backward then raises autograd's usual in-place error. Use it when the logits
@@ -95,7 +116,9 @@ def smoothed_xent(
 
     Returns:
         The loss in float32 (float64 for float64 logits): a 0-d tensor, or the shape of
-        ``target`` for ``reduction="none"``; with ``return_lse``, the pair (loss, lse).
+        ``target`` for ``reduction="none"``; with ``return_lse`` alone, the pair (loss, lse);
+        with ``return_accuracy`` or ``return_predictions``, a :class:`SmoothedXentOutput`
+        (loss, lse, accuracy, predictions) holding None where not asked for.
 
     A mean over rows that are all ignored is 0 with a zero gradient, not PyTorch's NaN: a
     fully padded micro-batch must not poison a training run. An empty batch, and a zero
@@ -110,8 +133,10 @@ def smoothed_xent(
     if process_group is not None or _is_dtensor(logits):
         from fused_ls.parallel import smoothed_xent_vocab_parallel
 
-        if recompute_backward or z_loss_denominator != "weight":
-            raise ValueError("recompute_backward and z_loss_denominator are not available with process_group")
+        if (recompute_backward or z_loss_denominator != "weight" or return_accuracy or return_predictions
+                or precomputed_lse is not None):
+            raise ValueError("recompute_backward, z_loss_denominator, return_accuracy, return_predictions and "
+                             "precomputed_lse are not available with process_group or class-sharded DTensor logits")
         return smoothed_xent_vocab_parallel(
             logits, target, label_smoothing, process_group=process_group, weight=weight,
             ignore_index=ignore_index, reduction=reduction, convention=convention, z_loss=z_loss,
@@ -126,6 +151,7 @@ def smoothed_xent(
                           recompute_backward=recompute_backward)
     softcap = _core.effective_softcap(softcap)
     _core.check_targets(target, logits.shape[-1], ignore_index)
+    _core.check_precomputed_lse(precomputed_lse, target, logits)
     weight, normalizer = _core.z_loss_per_token(target, weight, ignore_index, reduction, normalizer, z_loss,
                                                 z_loss_denominator)
     name = _backend_for(backend, logits)
@@ -136,11 +162,18 @@ def smoothed_xent(
             raise ValueError("inplace_backward needs a fused backend ('triton' or 'native'), not 'torch'")
         # Autograd differentiates the eager formulation (not the eager row op): twice if asked
         # (a gradient penalty), and under torch.func transforms. It rounds its gradient once anyway.
-        return smoothed_xent_reference(
+        out = smoothed_xent_reference(
             logits, target, label_smoothing, weight=weight, ignore_index=ignore_index, reduction=reduction,
             convention=convention, z_loss=z_loss, softcap=softcap, logit_scale=logit_scale,
             normalizer=normalizer, return_lse=return_lse,
         )
+        if not (return_accuracy or return_predictions):
+            return out
+        loss, lse = out if return_lse else (out, None)
+        with torch.no_grad():
+            y = transform(logits.detach().to(accumulation_dtype(logits.dtype)), float(logit_scale), softcap or 0.0)
+            predicted = y.argmax(dim=-1)
+        return with_predictions(loss, lse, predicted, target, ignore_index, return_accuracy, return_predictions)
     if inplace_backward and not (torch.is_grad_enabled() and logits.requires_grad):
         inplace_backward = False  # no gradient will be read (eval, no_grad): keep the logits intact
     if inplace_backward:
@@ -156,19 +189,30 @@ def smoothed_xent(
     if weight is not None and weight.dtype != torch.float64:
         weight = weight.float()
     options = _core.row_options(convention, label_smoothing, V, ignore_index, z_loss, softcap, logit_scale)
+    predict = return_accuracy or return_predictions
+    given_lse = None
+    if precomputed_lse is not None:
+        given_lse = precomputed_lse.detach().reshape(-1).to(accumulation_dtype(logits.dtype)).contiguous()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (logits, grad_scale)):
         mode = "inplace" if inplace_backward else "recompute" if recompute_backward else "saved"
-        loss, lse = _FusedSmoothedXent.apply(logits2d, target1d, weight, grad_scale, reduction, options, mode, name)
+        loss, lse, predicted = _FusedSmoothedXent.apply(logits2d, target1d, weight, grad_scale, reduction, options,
+                                                        mode, name, predict, given_lse)
     else:
         # No gradient can be asked for (evaluation, no_grad): the loss-only op reads the
         # logits once and neither allocates nor writes a gradient.
-        loss_rows, lse = backends.row_ops(name).rows_loss(logits2d, target1d, weight, *options)
+        predicted = prediction_buffer(logits2d, predict)
+        loss_rows, lse = backends.row_ops(name).rows_loss(logits2d, target1d, weight, *options, predicted, given_lse)
         loss = reduce_rows(loss_rows, reduction, grad_scale)
     if reduction == "none":
         loss = loss.view(target.shape)
+    lse = lse.view(target.shape)
+    if predict:
+        return with_predictions(loss, lse if return_lse else None, predicted.view(target.shape), target,
+                                ignore_index, return_accuracy, return_predictions)
     if return_lse:
-        return loss, lse.view(target.shape)
+        return loss, lse
     return loss
+
 
 
 def _is_dtensor(tensor) -> bool:
@@ -254,38 +298,43 @@ class _FusedSmoothedXent(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, grad_scale, reduction, options, mode, backend):
+    def forward(ctx, logits, target, weight, grad_scale, reduction, options, mode, backend, predict, given_lse):
         ops = backends.row_ops(backend)
         ctx.mode, ctx.reduction, ctx.backend, ctx.options = mode, reduction, backend, options
+        # Each row's argmax, from the same pass; an empty tensor when not asked for.
+        predicted = prediction_buffer(logits, predict)
         if mode == "inplace":
-            loss_rows, lse = ops.rows_inplace(logits, target, weight, grad_scale, *options)
+            loss_rows, lse = ops.rows_inplace(logits, target, weight, grad_scale, *options, predicted, given_lse)
             grad = logits
             # The native op's dispatcher entry does not move the version counter itself; an op
             # that saved the logits for its backward must see that they were overwritten.
             torch.autograd.graph.increment_version(logits)
         elif mode == "recompute":
-            loss_rows, lse = ops.rows_loss(logits, target, weight, *options)
+            loss_rows, lse = ops.rows_loss(logits, target, weight, *options, predicted, given_lse)
             grad = None
         else:
-            loss_rows, lse, grad = ops.rows(logits, target, weight, grad_scale, *options)
+            loss_rows, lse, grad = ops.rows(logits, target, weight, grad_scale, *options, predicted, given_lse)
         loss = reduce_rows(loss_rows, reduction, grad_scale)
         if mode == "recompute":
-            ctx.save_for_backward(logits, target, weight, grad_scale)
+            ctx.save_for_backward(logits, target, weight, grad_scale, given_lse)
         elif reduction == "none":
             ctx.save_for_backward(grad, target)  # to give rows without a gradient no upstream
         else:
             ctx.save_for_backward(grad)
         ctx.loss_sum = loss_rows.sum() if reduction == "mean" and ctx.needs_input_grad[3] else None
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        if predicted is None:
+            predicted = logits.new_empty(0, dtype=torch.int64)
+        ctx.mark_non_differentiable(lse, predicted)
+        return loss, lse, predicted
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_predicted):
         refuse_create_graph("smoothed_xent")
         if ctx.mode == "recompute":
-            logits, target, weight, grad_scale = ctx.saved_tensors
+            logits, target, weight, grad_scale, given_lse = ctx.saved_tensors
             row_scale = (grad_scale * grad_loss.to(grad_scale.dtype)).reshape(-1)
-            _, _, grad = backends.row_ops(ctx.backend).rows(logits, target, weight, row_scale, *ctx.options)
+            _, _, grad = backends.row_ops(ctx.backend).rows(logits, target, weight, row_scale, *ctx.options, None,
+                                                            given_lse)
         else:
             grad, *target = ctx.saved_tensors
             if target:
@@ -297,8 +346,9 @@ class _FusedSmoothedXent(torch.autograd.Function):
         grad_grad_scale = None
         if ctx.loss_sum is not None:
             grad_grad_scale = (ctx.loss_sum * grad_loss).to(grad_loss.dtype)
-        return grad, None, None, grad_grad_scale, None, None, None, None
+        return grad, None, None, grad_grad_scale, None, None, None, None, None, None
 
 
 # Keywords SmoothedCrossEntropyLoss takes: the options, and the tensors and layout it holds.
-MODULE_KEYWORDS = _core.OPTION_KEYWORDS | {"weight", "return_lse", "process_group", "vocab_start", "vocab_size"}
+MODULE_KEYWORDS = _core.OPTION_KEYWORDS | {"weight", "return_lse", "return_accuracy", "return_predictions",
+                                           "process_group", "vocab_start", "vocab_size"}

@@ -79,7 +79,7 @@ import torch.distributed as dist
 
 from fused_ls import _core, backends, parallel
 from fused_ls._autograd import refuse_create_graph, scale_saved_gradient
-from fused_ls._core import accumulation_dtype, reduce_rows
+from fused_ls._core import accumulation_dtype, prediction_buffer, reduce_rows, with_predictions
 from fused_ls._library import define_op
 
 # Below this many rows a chunk's GEMMs (M = C) re-read W for little work: per chunk they do
@@ -96,8 +96,9 @@ SLAB_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 22}
 GRAD_ACCUMULATIONS = ("fp32", "weight_dtype")
 # smoothed_xent's options less the two about the logits buffer, which the head owns.
 _HEAD_OPTIONS = _core.OPTION_KEYWORDS - {"inplace_backward", "recompute_backward"}
-_MODULE_KEYWORDS = _HEAD_OPTIONS | {"class_weight", "return_lse", "chunk_size", "grad_accumulation", "process_group",
-                                    "vocab_start", "vocab_size", "reduce_hidden_grad"}
+_MODULE_KEYWORDS = _HEAD_OPTIONS | {"class_weight", "return_lse", "return_accuracy", "return_predictions",
+                                    "chunk_size", "grad_accumulation", "process_group", "vocab_start", "vocab_size",
+                                    "reduce_hidden_grad"}
 
 
 def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -133,6 +134,8 @@ def smoothed_linear_xent(
     logit_scale: float = 1.0,
     normalizer: float | torch.Tensor | None = None,
     return_lse: bool = False,
+    return_accuracy: bool = False,
+    return_predictions: bool = False,
     chunk_size: int | None = None,
     grad_accumulation: str = "fp32",
     backend: str = "auto",
@@ -156,7 +159,9 @@ def smoothed_linear_xent(
         class_weight: optional (V,) class weights: ``smoothed_xent``'s ``weight=``, renamed
             because ``weight`` here is the LM head. Not differentiated.
         ignore_index, reduction, convention, z_loss, z_loss_denominator, softcap, logit_scale,
-            normalizer, return_lse, backend: as in :func:`fused_ls.smoothed_xent`.
+            normalizer, return_lse, return_accuracy, return_predictions, backend: as in
+            :func:`fused_ls.smoothed_xent`; the predictions come from each chunk's pass over its
+            logits, which no other read follows.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` (at least 256 tokens,
             or all of them). Smaller saves memory; larger re-reads ``weight`` and re-writes
             its gradient less often.
@@ -191,7 +196,8 @@ def smoothed_linear_xent(
 
     Returns:
         As :func:`fused_ls.smoothed_xent`: the loss in float32 (float64 for float64 inputs),
-        and with ``return_lse`` the per-token lse of the transformed logits.
+        with ``return_lse`` alone the pair (loss, per-token lse of the transformed logits), and
+        with ``return_accuracy`` or ``return_predictions`` a ``SmoothedXentOutput``.
 
     The gradient of ``bias`` is summed in float32. The forward computes every gradient, so it costs
     about three GEMMs (four for ``reduction="none"``, whose backward recomputes the logits);
@@ -200,6 +206,8 @@ def smoothed_linear_xent(
     the autocast dtype first, as ``F.linear`` would.
     """
     if process_group is not None:
+        if return_accuracy or return_predictions:
+            raise ValueError("return_accuracy and return_predictions are not available with process_group")
         return _vocab_parallel_head(
             hidden, weight, target, bias, label_smoothing, class_weight=class_weight, ignore_index=ignore_index,
             reduction=reduction, convention=convention, z_loss=z_loss, z_loss_denominator=z_loss_denominator,
@@ -243,12 +251,18 @@ def smoothed_linear_xent(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    loss, lse = _LinearSmoothedXent.apply(hidden2d, weight, bias, target1d, class_weight, grad_scale, reduction,
-                                          (chunk, name, grad_accumulation), options, needs)
+    predict = return_accuracy or return_predictions
+    loss, lse, predicted = _LinearSmoothedXent.apply(hidden2d, weight, bias, target1d, class_weight, grad_scale,
+                                                     reduction, (chunk, name, grad_accumulation), options, needs,
+                                                     predict)
     if reduction == "none":
         loss = loss.view(target.shape)
+    lse = lse.view(target.shape)
+    if predict:
+        return with_predictions(loss, lse if return_lse else None, predicted.view(target.shape), target,
+                                ignore_index, return_accuracy, return_predictions)
     if return_lse:
-        return loss, lse.view(target.shape)
+        return loss, lse
     return loss
 
 
@@ -286,30 +300,31 @@ class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
 
 class _LinearSmoothedXent(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, plan, options, needs):
+    def forward(ctx, hidden, weight, bias, target, class_weight, grad_scale, reduction, plan, options, needs,
+                predict):
         need_hidden, need_weight, need_bias = needs
         ctx.setup = (plan, options)
         ctx.reduction = reduction
+        # Each token's argmax, from the chunks' row ops; an empty tensor when not asked for.
+        predicted = prediction_buffer(hidden, predict)
         if reduction == "none":
             # The per-row upstream gradient arrives only in backward: recompute there.
             loss_rows, lse, *_ = _sweep(hidden, weight, bias, target, class_weight, grad_scale, None,
-                                        plan, options, False, False, False)
+                                        plan, options, False, False, False, predicted)
             ctx.save_for_backward(hidden, weight, bias, target, class_weight, grad_scale)
-            ctx.mark_non_differentiable(lse)
-            return loss_rows, lse
+            return _non_differentiable_outputs(ctx, hidden, loss_rows, lse, predicted)
         loss_rows, lse, grad_hidden, grad_weight, grad_bias = _sweep(
             hidden, weight, bias, target, class_weight, grad_scale, None,
-            plan, options, need_hidden, need_weight, need_bias,
+            plan, options, need_hidden, need_weight, need_bias, predicted,
         )
         loss = reduce_rows(loss_rows, reduction, grad_scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         # A tensor normalizer is differentiated: d mean / d grad_scale is the sum of the row losses.
         ctx.loss_sum = loss_rows.sum() if reduction == "mean" and ctx.needs_input_grad[5] else None
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        return _non_differentiable_outputs(ctx, hidden, loss, lse, predicted)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_predicted):
         refuse_create_graph("smoothed_linear_xent")
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.reduction == "none":
@@ -327,14 +342,23 @@ class _LinearSmoothedXent(torch.autograd.Function):
             )
         loss_sum = getattr(ctx, "loss_sum", None)
         grad_grad_scale = None if loss_sum is None else loss_sum * grad_loss
-        return grad_hidden, grad_weight, grad_bias, None, None, grad_grad_scale, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, grad_grad_scale, None, None, None, None, None
+
+
+def _non_differentiable_outputs(ctx, hidden, loss, lse, predicted):
+    """(loss, lse, predicted), the last an empty int64 tensor when no argmax was asked for."""
+    if predicted is None:
+        predicted = hidden.new_empty(0, dtype=torch.int64)
+    ctx.mark_non_differentiable(lse, predicted)
+    return loss, lse, predicted
 
 
 def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, plan, options,
-           need_hidden, need_weight, need_bias):
+           need_hidden, need_weight, need_bias, predicted=None):
     """One pass over the token chunks: (loss_rows, lse, dL/dh, dL/dW, dL/db), each gradient
     None unless asked for. `row_scale` (N,), if given, multiplies each row's gradient;
-    `plan` is (tokens per chunk, backend name, grad_accumulation)."""
+    `plan` is (tokens per chunk, backend name, grad_accumulation); `predicted`, an (N,) int64
+    buffer or None, gets each row's argmax."""
     chunk, backend, grad_accumulation = plan
     N, H = hidden.shape
     V = weight.shape[0]
@@ -367,13 +391,14 @@ def _sweep(hidden, weight, bias, target, class_weight, grad_scale, row_scale, pl
                     torch.mm(h, weight_t, out=logits)
                 else:
                     torch.addmm(bias, h, weight_t, out=logits)
+            chunk_predicted = None if predicted is None else predicted[start:stop]
             if loss_only:
-                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, *options)
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, *options, chunk_predicted)
             else:
                 # A per-row upstream gradient is folded into the row op's scale, so that each
                 # gradient element is rounded once.
                 scale = grad_scale if row_scale is None else row_scale[start:stop]
-                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, scale, *options)
+                loss_rows, lse = rows_op(logits, target[start:stop], class_weight, scale, *options, chunk_predicted)
             losses.append(loss_rows)
             lses.append(lse)
             grad = logits  # the row op wrote g over the logits (unless loss_only: nothing reads it)

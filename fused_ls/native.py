@@ -35,7 +35,7 @@ SLICE_OPS = define_slice_ops("")
 
 JIT_NAME = "fused_ls_C"
 # Must match kRowOpContract in csrc/ops.cpp.
-ROW_OP_CONTRACT = b"fused_ls row-op contract 3: masses as floats, slice passes"
+ROW_OP_CONTRACT = b"fused_ls row-op contract 5: masses as floats, slice passes, argmax, given lse"
 
 # (module or None, why not); filled once per process by load().
 _STATE: dict[str, tuple[ModuleType | None, str]] = {}

@@ -295,7 +295,7 @@ class _RowsProblem(ctypes.Structure):
         ("grad_scale_row_stride", ctypes.c_int64), ("loss", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("num_rows", ctypes.c_int64),
         ("num_classes", ctypes.c_int64), ("ignore_index", ctypes.c_int64), ("k_s", ctypes.c_double),
         ("k_t", ctypes.c_double), ("z_loss", ctypes.c_double), ("softcap", ctypes.c_double),
-        ("logit_scale", ctypes.c_double),
+        ("logit_scale", ctypes.c_double), ("predicted", ctypes.c_void_p), ("precomputed_lse", ctypes.c_void_p),
     ]
 
 
@@ -303,9 +303,12 @@ _SCALAR_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.flo
 
 
 def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=False, others=False, z_loss=0.0,
-                  softcap=0.0, logit_scale=1.0, grad_scale=0.5, ignore_index=-100, loss_only=False):
+                  softcap=0.0, logit_scale=1.0, grad_scale=0.5, ignore_index=-100, loss_only=False, predicted=None,
+                  precomputed_lse=None):
     """What the CUDA op would return, buffers poisoned with NaN as csrc/op_common.h prepares them;
-    with `loss_only`, what the loss-only op would (no gradient, grad None). `grad_scale`: a
+    with `loss_only`, what the loss-only op would (no gradient, grad None); `predicted`, an (N,)
+    int64 buffer for each row's argmax, or None; `precomputed_lse`, each row's lse from the caller
+    (in the accumulator's dtype), or None. `grad_scale`: a
     number (one scale, row stride 0) or a tensor of one scale per row (row stride 1)."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     N, V = logits.shape
@@ -324,6 +327,8 @@ def _run_emulated(lib, logits, target, weight, eps, blocks_per_row, *, inplace=F
         0 if grad is None else grad.stride(0), target.data_ptr(), None if w is None else w.data_ptr(),
         None if w_sum is None else w_sum.data_ptr(), None if grad is None else scale.data_ptr(), 1 if per_row else 0,
         loss.data_ptr(), lse.data_ptr(), N, V, ignore_index, k_s, k_t, z_loss, softcap, logit_scale,
+        None if predicted is None else predicted.data_ptr(),
+        None if precomputed_lse is None else precomputed_lse.data_ptr(),
     )
     lib.fused_ls_emulated_workspace_bytes.restype = ctypes.c_ulong
     workspace = torch.empty(max(lib.fused_ls_emulated_workspace_bytes(ctypes.byref(problem), blocks_per_row), 1), dtype=torch.uint8)

@@ -16,6 +16,7 @@ programs per SM) that docs/traffic-model.md reads its occupancy from.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -83,15 +84,24 @@ def caught_launches(vocabularies=VOCABULARIES, dtypes=DTYPES) -> list[dict]:
                 for weight in (None, torch.ones(V)):
                     weight_sum = None if weight is None else one
                     for softcap in (0.0, 30.0):
-                        for config in row_kernels.candidate_configs(V, dtype, weight is not None, softcap > 0,
-                                                                    split=True):
+                        for config, predicted in itertools.chain(
+                                ((c, None) for c in row_kernels.candidate_configs(
+                                    V, dtype, weight is not None, softcap > 0, split=True)),
+                                ((c, torch.empty(2, dtype=torch.int64)) for c in row_kernels.candidate_configs(
+                                    V, dtype, weight is not None, softcap > 0, split=True, predict=True))):
                             for grad in (torch.empty_like(logits), None):
                                 args = (logits, target, weight, weight_sum, one if grad is not None else None, grad,
-                                        rows, rows.clone(), 0.1 / V, 0.9, -100, 0.0, softcap, 1.0, config)
+                                        rows, rows.clone(), 0.1 / V, 0.9, -100, 0.0, softcap, 1.0)
                                 if config.kind == "split":  # the one cooperative launch a GPU makes
-                                    row_kernels._launch_split(*args, phases=(0,))
+                                    row_kernels._launch_split(*args, config, phases=(0,), predicted_out=predicted)
                                 else:
-                                    row_kernels.smoothed_xent_rows_out(*args)
+                                    row_kernels.smoothed_xent_rows_out(*args, predicted_out=predicted, config=config)
+                        for grad, predicted in itertools.product((torch.empty_like(logits), None),
+                                                                 (None, torch.empty(2, dtype=torch.int64))):
+                            row_kernels.given_lse_rows_out(logits, target, weight, weight_sum,
+                                                           one if grad is not None else None, grad, rows,
+                                                           rows.clone(), rows.clone(), 0.1 / V, 0.9, -100, 0.0,
+                                                           softcap, 1.0, predicted=predicted)
                 row_kernels.scale_rows_(logits, torch.ones(2))
             linear_kernels.compensated_add_(torch.empty(4096, dtype=dtype), torch.empty(4096, dtype=torch.bfloat16),
                                             torch.empty(4096), False)

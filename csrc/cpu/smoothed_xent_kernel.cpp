@@ -18,8 +18,11 @@
 // constant to every logit changes nothing, and nothing large is subtracted.
 //
 // Memory traffic per row (b = bytes per logit): read V*b, write V*b (in place: into lines
-// pass 1 just read; nothing for the loss-only op, which stops after pass 1). Scratch: 4V bytes (8V with softcap, which keeps y to avoid a second
-// tanh) per thread, reused across rows; the class weights (4V) are shared by all rows.
+// pass 1 just read; nothing for the loss-only op, which stops after pass 1). Asked for the row's
+// argmax, the one chunk holding its max is scanned again, from cache (first_argmax); given the
+// row's lse, pass 1's chunk sums are taken against it (against_lse), no read more. Scratch:
+// 4V bytes (8V with softcap, which keeps y to avoid a second tanh) per thread, reused across
+// rows; the class weights (4V) are shared by all rows.
 //
 // The gradient of each element is computed in fp32 (fp64 for fp64 logits) and rounded once;
 // the true class's element is recomputed in fp32 from its own e and written last, so its
@@ -129,6 +132,8 @@ class RowKernel {
         weight_(static_cast<const acc_t*>(p.weight)),
         loss_(static_cast<acc_t*>(p.loss)),
         lse_(static_cast<acc_t*>(p.lse)),
+        predicted_(p.predicted),
+        precomputed_lse_(static_cast<const acc_t*>(p.precomputed_lse)),
         logits_row_stride_(p.logits_row_stride),
         grad_row_stride_(p.grad_row_stride),
         V_(p.num_classes),
@@ -167,7 +172,9 @@ class RowKernel {
     const bool in_range = 0 <= t && t < V_;
     const bool valid = in_range && !ignored;
 
-    const RowSums sums = first_pass(x, prefetch_next_row);
+    RowSums sums = first_pass(x, prefetch_next_row);
+    const acc_t row_max = sums.m;
+    if (precomputed_lse_ != nullptr) sums = against_lse(precomputed_lse_[row]);
     const acc_t m = sums.m, s = sums.s;
     const acc_t log_s = std::log(s);
     const acc_t lse = m + log_s;
@@ -182,6 +189,7 @@ class RowKernel {
     const acc_t loss = total_mass * log_s + distance_term(x, t, w_t, y_t, m, sums.deviation) + z_loss_ * lse * lse;
     loss_[row] = ignored ? acc_t(0) : in_range ? loss : std::numeric_limits<acc_t>::quiet_NaN();
     lse_[row] = lse;
+    if (predicted_ != nullptr) predicted_[row] = first_argmax(x, row_max);
 
     if (g == nullptr) return;  // the loss-only op
     if (!valid) {
@@ -318,6 +326,34 @@ class RowKernel {
       deviation += (m - c.shift) * c.weight - c.sum_wd;
     }
     return {m, s, deviation};
+  }
+
+  // The row's sums taken against the caller's lse instead of its max: m = lse and s = 1, so that
+  // p = e exp(shift - lse) and the loss's distances are lse - y (pass 1's chunks, no new read).
+  RowSums against_lse(acc_t lse) {
+    acc_t deviation = 0;
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      ChunkStats& c = chunk_[k];
+      c.to_row = std::exp(c.shift - lse);
+      deviation += (lse - c.shift) * c.weight - c.sum_wd;
+    }
+    return {lse, acc_t(1), deviation};
+  }
+
+  // The first class whose y is the row's max m: in the first chunk whose max is m, which pass 1
+  // has just read (at most kChunk logits again, from cache). y is recomputed as pass 1 took it
+  // (y_ with softcap; x * logit_scale, one rounding, otherwise), so the compare is exact. A row
+  // of -inf only gives 0; a row holding NaN, whose max pass 1 may have dropped, any class.
+  int64_t first_argmax(const scalar_t* x, acc_t m) const {
+    for (int64_t k = 0; k < num_chunks_; ++k) {
+      if (chunk_[k].max != m) continue;
+      const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
+      for (int64_t c = c0; c < c1; ++c) {
+        const acc_t y = kHasSoftcap ? y_[c] : static_cast<acc_t>(x[c]) * logit_scale_;
+        if (y == m) return c;
+      }
+    }
+    return 0;
   }
 
   // sum_c q_c (m - y_c) with q_c = k_s w_c + k_t w_t [c == t], from pass 1's deviation; w_t = 0
@@ -525,6 +561,8 @@ class RowKernel {
   const acc_t* weight_;
   acc_t* loss_;
   acc_t* lse_;
+  int64_t* predicted_;
+  const acc_t* precomputed_lse_;
   int64_t logits_row_stride_, grad_row_stride_, V_, num_chunks_, ignore_index_;
   acc_t k_s_, k_t_, z_loss_, softcap_, logit_scale_;
   const acc_t* grad_scale_;  // nullptr for the loss-only op; row i's at i * grad_scale_row_stride_

@@ -32,6 +32,9 @@ struct CudaDevice {
   static void run(PreparedRows& prepared, const at::Tensor& logits) {
     const RowsProblem& p = prepared.problem;
     if (p.num_rows == 0) return;
+    TORCH_CHECK(p.predicted == nullptr || p.num_classes < INT32_MAX,
+                "fused_ls: the CUDA kernels take each row's argmax for rows of fewer than 2^31 - 1 classes, got ",
+                p.num_classes);
     int num_sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, logits.get_device()));
     const int splits = blocks_per_row(p.num_rows, p.num_classes, num_sms);

@@ -28,6 +28,12 @@
 //           the logits row (always in place; a new gradient of a contiguous input at any V),
 //           else as wide as that distance allows (8, 4 or 2 bytes). Element by element, the
 //           order of pass 2 changes no bit.
+// Asked for each row's argmax (RowsProblem::predicted), pass 1 also keeps, per thread, the first
+// column of its running max (its columns come in increasing order), and a block-wide minimum
+// over the threads at the row's max gives the row's first argmax: kernels instantiated apart
+// (kPredict), so that the others keep their registers.
+// Given each row's lse (RowsProblem::precomputed_lse), thread 0 takes it in place of pass 1's
+// (m = lse, log s = 0): the same reads, the results of the lse given.
 // A row without a gradient (its target is ignore_index or outside [0, V)) needs only its lse:
 // pass 1 keeps only the (max, sum of exp) pair (the same sums as with a target), reads neither
 // x[t] nor x[0] nor any class weight, and pass 2 writes zeros in 16-byte stores cut at the
@@ -202,6 +208,8 @@ struct Params {
   int64_t grad_scale_row_stride;  // 0: one scale for every row; 1: one per row
   acc_t* loss;
   acc_t* lse;
+  int64_t* predicted;  // each row's argmax out; nullptr: not asked for (the kernels without kPredict)
+  const acc_t* precomputed_lse;  // each row's lse from the caller, used in place of pass 1's; nullptr: none
   int64_t num_classes, ignore_index;
   acc_t k_s, k_t, z_loss, softcap, logit_scale;
   acc_t dydx_scale;  // what dy/dx multiplies the gradient by: logit_scale, or 1 where the caller folded it in
@@ -283,12 +291,45 @@ __device__ Partial<acc_t> block_reduce(Partial<acc_t> v) {
   return v;
 }
 
+// A thread's first column at its running max, with kPredict: kNoColumn until its max rises
+// above -inf (a thread, or a row, of -inf only keeps it). 32 bits (the launcher refuses longer
+// rows with kPredict): the fp32 row kernel has no register to spare for a 64-bit one on sm_80.
+constexpr int32_t kNoColumn = INT32_MAX;
+
+// The smallest of the block's values, returned to every thread. blockDim.x is a multiple of 32.
+__device__ int32_t block_min(int32_t v) {
+  __shared__ int32_t per_warp[32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const int32_t other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other < v ? other : v;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) per_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < (int)(blockDim.x >> 5) ? per_warp[lane] : kNoColumn;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const int32_t other = __shfl_xor_sync(0xffffffffu, v, offset);
+      v = other < v ? other : v;
+    }
+    if (lane == 0) per_warp[0] = v;
+  }
+  __syncthreads();
+  v = per_warp[0];
+  __syncthreads();  // per_warp may be reused by a later reduction
+  return v;
+}
+
 // Adds kCount values of y at columns [c, c + kCount) to a thread's partial; column `skip`
 // (the target) is left out of sum_wd. Without kDeviations (a row without a gradient, whose
 // loss is 0 or NaN whatever sum_wd is) only the (max, sum of exp) pair, and no weight is read.
-template <bool kDeviations, int kCount, typename acc_t>
-__device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64_t c, acc_t ref, int64_t skip,
-                           const Params<acc_t>& p) {
+// With kPredict, `first_at_max` follows the first column holding the thread's max: a thread
+// meets its columns in increasing order, so only a strictly larger max moves it.
+template <bool kDeviations, bool kPredict, int kCount, typename acc_t>
+__device__ void accumulate(Partial<acc_t>& part, int32_t& first_at_max, const acc_t (&y)[kCount], int64_t c,
+                           acc_t ref, int64_t skip, const Params<acc_t>& p) {
   // fp64: sum_wd before the exps, not interleaved with them. Each fp64 exp keeps its
   // polynomial's coefficients in register pairs, and with the weight loads and `skip` live
   // beside two of them, ptxas spilled at the 64 registers it aims for under
@@ -310,6 +351,12 @@ __device__ void accumulate(Partial<acc_t>& part, const acc_t (&y)[kCount], int64
   if (new_max > part.max) {
     part.sum_exp *= exp_(part.max - new_max);
     part.max = new_max;
+    if constexpr (kPredict) {  // new_max is one of these y (fmax returns a NaN only for two)
+      int32_t at = int32_t(c) + kCount - 1;
+#pragma unroll
+      for (int j = kCount - 1; j >= 0; --j) at = y[j] == new_max ? int32_t(c) + j : at;
+      first_at_max = at;
+    }
   }
   const acc_t base = part.max == -INFINITY ? acc_t(0) : part.max;
 #pragma unroll
@@ -361,10 +408,13 @@ __device__ Pack<scalar_t, kVec> load_columns(const scalar_t* x, int64_t c, unsig
 // Pass 1 over columns [c0, c1) of the row at x, c0 a multiple of kVec: thread i takes the
 // groups of kVec columns i, i + blockDim.x, ... counted from c0, then column i of the last
 // V mod kVec (fewer than kVec: the row's own tail, in the last slice).
-template <bool kDeviations, typename scalar_t, int kVec, typename acc_t>
+// With kPredict, `first_at_max` gets the block's first column at its max (kNoColumn if every y
+// is -inf), in every thread.
+template <bool kDeviations, bool kPredict, typename scalar_t, int kVec, typename acc_t>
 __device__ Partial<acc_t> block_partial(const scalar_t* x, int64_t c0, int64_t c1, acc_t ref, int64_t skip,
-                                        const Params<acc_t>& p) {
+                                        const Params<acc_t>& p, int32_t* first_at_max = nullptr) {
   Partial<acc_t> part{-INFINITY, acc_t(0), acc_t(0)};
+  int32_t at = kNoColumn;
   const unsigned offset = unsigned(reinterpret_cast<uintptr_t>(x) % kVectorBytes);
   const int64_t vec_end = c1 > c0 ? c0 + (c1 - c0) / kVec * kVec : c0;
   for (int64_t c = c0 + int64_t(threadIdx.x) * kVec; c < vec_end; c += int64_t(blockDim.x) * kVec) {
@@ -372,13 +422,16 @@ __device__ Partial<acc_t> block_partial(const scalar_t* x, int64_t c0, int64_t c
     acc_t y[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) y[j] = transform(Io<scalar_t>::to_acc(pack.v[j]), p);
-    accumulate<kDeviations, kVec>(part, y, c, ref, skip, p);
+    accumulate<kDeviations, kPredict, kVec>(part, at, y, c, ref, skip, p);
   }
   for (int64_t c = vec_end + threadIdx.x; c < c1; c += blockDim.x) {
     const acc_t y[1] = {transform(Io<scalar_t>::to_acc(load_one(x + c)), p)};
-    accumulate<kDeviations, 1>(part, y, c, ref, skip, p);
+    accumulate<kDeviations, kPredict, 1>(part, at, y, c, ref, skip, p);
   }
-  return block_reduce(part);
+  const acc_t thread_max = part.max;
+  const Partial<acc_t> block = block_reduce(part);
+  if constexpr (kPredict) *first_at_max = block_min(thread_max == block.max ? at : kNoColumn);
+  return block;
 }
 
 // A row's target, and whether the row has a gradient: neither ignored nor out of range.
@@ -395,11 +448,12 @@ __device__ RowTarget row_target(int64_t row, const Params<acc_t>& p) {
 
 // Pass 1 of the columns [c0, c1): with the smoothing sum for a row with a gradient, without it
 // (the lse only) otherwise.
-template <typename scalar_t, int kVec, typename acc_t>
+template <bool kPredict, typename scalar_t, int kVec, typename acc_t>
 __device__ Partial<acc_t> row_partial(const scalar_t* x, int64_t c0, int64_t c1, const RowTarget& rt,
-                                      const RowInputs<acc_t>& in, const Params<acc_t>& p) {
-  if (rt.has_grad) return block_partial<true, scalar_t, kVec>(x, c0, c1, in.ref, rt.t, p);
-  return block_partial<false, scalar_t, kVec>(x, c0, c1, acc_t(0), int64_t(-1), p);
+                                      const RowInputs<acc_t>& in, const Params<acc_t>& p,
+                                      int32_t* first_at_max = nullptr) {
+  if (rt.has_grad) return block_partial<true, kPredict, scalar_t, kVec>(x, c0, c1, in.ref, rt.t, p, first_at_max);
+  return block_partial<false, kPredict, scalar_t, kVec>(x, c0, c1, acc_t(0), int64_t(-1), p, first_at_max);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -427,8 +481,10 @@ __device__ RowConstants<acc_t> finish_row(const Params<acc_t>& p, int64_t row, c
   const bool ignored = t == p.ignore_index;
   const bool in_range = 0 <= t && t < p.num_classes;
   const bool has_grad = rt.has_grad;
-  const acc_t m = part.max;
-  const acc_t log_s = log_(part.sum_exp);
+  // With the caller's lse, m = lse and s = 1: p = exp(y - lse), and the loss's distances are
+  // taken from it (the deviation below holds for any m).
+  const acc_t m = p.precomputed_lse != nullptr ? p.precomputed_lse[row] : part.max;
+  const acc_t log_s = p.precomputed_lse != nullptr ? acc_t(0) : log_(part.sum_exp);
   const acc_t lse = m + log_s;
   const acc_t total_weight = p.weight != nullptr ? *p.weight_sum : acc_t(p.num_classes);
   const acc_t w_t = has_grad ? (p.weight != nullptr ? p.weight[t] : acc_t(1)) : acc_t(0);
@@ -544,16 +600,20 @@ __device__ void block_zeros(scalar_t* g, int64_t c0, int64_t c1) {
   }
 }
 
-// One block per row: both passes.
-template <typename scalar_t, int kVec, typename acc_t>
+// One block per row: both passes; with kPredict, each row's argmax from pass 1 too.
+template <bool kPredict, typename scalar_t, int kVec, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_rows_kernel(const Params<acc_t> p) {
   const int64_t row = blockIdx.x;
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
   const RowTarget rt = row_target(row, p);
   const RowInputs<acc_t> in = row_inputs(x, rt, p);
-  const Partial<acc_t> part = row_partial<scalar_t, kVec>(x, 0, p.num_classes, rt, in, p);
+  int32_t first_at_max = kNoColumn;
+  const Partial<acc_t> part = row_partial<kPredict, scalar_t, kVec>(x, 0, p.num_classes, rt, in, p, &first_at_max);
   __shared__ RowConstants<acc_t> constants;
-  if (threadIdx.x == 0) constants = finish_row(p, row, part, in, true);
+  if (threadIdx.x == 0) {
+    constants = finish_row(p, row, part, in, true);
+    if constexpr (kPredict) p.predicted[row] = first_at_max == kNoColumn ? 0 : first_at_max;  // 0: a row of -inf
+  }
   if (p.grad == nullptr) return;  // the loss-only op: thread 0 has written the loss and lse
   __syncthreads();  // every read of the row is done: pass 2 may overwrite it
   scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
@@ -575,29 +635,34 @@ __device__ Slice split_slice(int split, const Params<acc_t>& p) {
   return {c0, c0 + p.columns_per_block < p.num_classes ? c0 + p.columns_per_block : p.num_classes};
 }
 
-// Split rows, first kernel: each block's partial, and the row's inputs, into the workspace.
-template <typename scalar_t, int kVec, typename acc_t>
+// Split rows, first kernel: each block's partial, and the row's inputs, into the workspace;
+// with kPredict, each block's first column at its max too.
+template <bool kPredict, typename scalar_t, int kVec, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_partials_kernel(const Params<acc_t> p,
                                                                              Partial<acc_t>* partials,
-                                                                             RowInputs<acc_t>* inputs) {
+                                                                             RowInputs<acc_t>* inputs,
+                                                                             int32_t* first_at_max) {
   const int64_t row = blockIdx.x / p.blocks_per_row;
   const int split = blockIdx.x % p.blocks_per_row;
   const Slice slice = split_slice(split, p);
   const scalar_t* x = static_cast<const scalar_t*>(p.logits) + row * p.logits_row_stride;
   const RowTarget rt = row_target(row, p);
   const RowInputs<acc_t> in = row_inputs(x, rt, p);
-  const Partial<acc_t> part = row_partial<scalar_t, kVec>(x, slice.c0, slice.c1, rt, in, p);
+  int32_t at = kNoColumn;
+  const Partial<acc_t> part = row_partial<kPredict, scalar_t, kVec>(x, slice.c0, slice.c1, rt, in, p, &at);
   if (threadIdx.x == 0) {
     partials[blockIdx.x] = part;
+    if constexpr (kPredict) first_at_max[blockIdx.x] = at;
     if (split == 0) inputs[row] = in;
   }
 }
 
 // Split rows, second kernel: combine the row's partials, then the gradient of this slice.
-template <typename scalar_t, int kVec, typename acc_t>
+template <bool kPredict, typename scalar_t, int kVec, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_split_gradient_kernel(const Params<acc_t> p,
                                                                                    const Partial<acc_t>* partials,
-                                                                                   const RowInputs<acc_t>* inputs) {
+                                                                                   const RowInputs<acc_t>* inputs,
+                                                                                   const int32_t* first_at_max) {
   const int64_t row = blockIdx.x / p.blocks_per_row;
   const int split = blockIdx.x % p.blocks_per_row;
   // The loss-only op needs one block per row here, to write the loss and lse.
@@ -611,6 +676,14 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_split_gradient_kern
     Partial<acc_t> part = partials[row * p.blocks_per_row];
     for (int b = 1; b < p.blocks_per_row; ++b) part = combine(part, partials[row * p.blocks_per_row + b]);
     constants = finish_row(p, row, part, inputs[row], split == 0);
+    if (kPredict && split == 0) {
+      // The first block holding the row's max, and its first column there (0 for a row of -inf).
+      int32_t at = kNoColumn;
+      for (int b = 0; b < p.blocks_per_row && at == kNoColumn; ++b) {
+        if (partials[row * p.blocks_per_row + b].max == part.max) at = first_at_max[row * p.blocks_per_row + b];
+      }
+      p.predicted[row] = at == kNoColumn ? 0 : at;
+    }
   }
   if (p.grad == nullptr || slice.c1 <= slice.c0) return;
   scalar_t* g = static_cast<scalar_t*>(p.grad) + row * p.grad_row_stride;
@@ -649,7 +722,7 @@ __global__ void __launch_bounds__(kMaxThreads) smoothed_xent_slice_stats_kernel(
     in.ref = isfinite(y0) ? y0 : acc_t(0);
   }
   const Partial<acc_t> part =
-      block_partial<true, scalar_t, kVec>(x, 0, p.num_classes, in.ref, rt.has_grad ? column : int64_t(-1), p);
+      block_partial<true, false, scalar_t, kVec>(x, 0, p.num_classes, in.ref, rt.has_grad ? column : int64_t(-1), p);
   if (threadIdx.x != 0) return;
   const acc_t m = part.max;
   if (m == -INFINITY) {  // every y -inf: no lse_r; the ranks' combination adds the slice's whole share
@@ -743,24 +816,44 @@ int threads_for(int64_t columns, int vec) {
   return loads <= 1024 ? 128 : loads <= 4096 ? 256 : kMaxThreads;
 }
 
-template <typename scalar_t, int kVec, typename acc_t>
-cudaError_t launch(const Params<acc_t>& p, int64_t num_rows, void* workspace, cudaStream_t stream) {
+template <bool kPredict, typename scalar_t, int kVec, typename acc_t>
+cudaError_t launch_kernels(const Params<acc_t>& p, int64_t num_rows, void* workspace, cudaStream_t stream) {
   const int threads = threads_for(p.columns_per_block, kVec);
   if (p.blocks_per_row == 1) {
-    const auto rows_kernel = &smoothed_xent_rows_kernel<scalar_t, kVec, acc_t>;
+    const auto rows_kernel = &smoothed_xent_rows_kernel<kPredict, scalar_t, kVec, acc_t>;
     FUSED_LS_CUDA_LAUNCH(rows_kernel, static_cast<unsigned>(num_rows), threads, stream, p);
     return cudaGetLastError();
   }
-  const unsigned blocks = static_cast<unsigned>(num_rows * p.blocks_per_row);
-  auto* partials = static_cast<Partial<acc_t>*>(workspace);
-  auto* inputs = reinterpret_cast<RowInputs<acc_t>*>(partials + blocks);
-  const auto partials_kernel = &smoothed_xent_partials_kernel<scalar_t, kVec, acc_t>;
-  FUSED_LS_CUDA_LAUNCH(partials_kernel, blocks, threads, stream, p, partials, inputs);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const auto gradient_kernel = &smoothed_xent_split_gradient_kernel<scalar_t, kVec, acc_t>;
-  FUSED_LS_CUDA_LAUNCH(gradient_kernel, blocks, threads, stream, p, partials, inputs);
-  return cudaGetLastError();
+  if constexpr (kPredict && sizeof(acc_t) == 8) {
+    return cudaErrorInvalidConfiguration;  // never instantiated: launch() does not split these rows
+  } else {
+    // The workspace (workspace_bytes): the blocks' partials, the rows' inputs, then, when
+    // predicting, the blocks' first columns at their max.
+    const unsigned blocks = static_cast<unsigned>(num_rows * p.blocks_per_row);
+    auto* partials = static_cast<Partial<acc_t>*>(workspace);
+    auto* inputs = reinterpret_cast<RowInputs<acc_t>*>(partials + blocks);
+    auto* first_at_max = kPredict ? reinterpret_cast<int32_t*>(inputs + num_rows) : nullptr;
+    const auto partials_kernel = &smoothed_xent_partials_kernel<kPredict, scalar_t, kVec, acc_t>;
+    FUSED_LS_CUDA_LAUNCH(partials_kernel, blocks, threads, stream, p, partials, inputs, first_at_max);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const auto gradient_kernel = &smoothed_xent_split_gradient_kernel<kPredict, scalar_t, kVec, acc_t>;
+    FUSED_LS_CUDA_LAUNCH(gradient_kernel, blocks, threads, stream, p, partials, inputs,
+                         static_cast<const int32_t*>(first_at_max));
+    return cudaGetLastError();
+  }
+}
+
+template <typename scalar_t, int kVec, typename acc_t>
+cudaError_t launch(Params<acc_t> p, int64_t num_rows, void* workspace, cudaStream_t stream) {
+  if (p.predicted == nullptr) return launch_kernels<false, scalar_t, kVec>(p, num_rows, workspace, stream);
+  if (sizeof(acc_t) == 8 && p.blocks_per_row > 1) {
+    // fp64 (for checks, not speed) rows are not split when predicting: the split kernel's
+    // argmax spills registers on sm_100. One block per row needs no workspace.
+    p.blocks_per_row = 1;
+    p.columns_per_block = (p.num_classes + kVec - 1) / kVec * kVec;
+  }
+  return launch_kernels<true, scalar_t, kVec>(p, num_rows, workspace, stream);
 }
 
 template <typename scalar_t>
@@ -779,6 +872,8 @@ cudaError_t launch_for_dtype(const RowsProblem& problem, int blocks_per_row, voi
   p.grad_scale_row_stride = problem.grad_scale_row_stride;
   p.loss = static_cast<acc_t*>(problem.loss);
   p.lse = static_cast<acc_t*>(problem.lse);
+  p.predicted = problem.predicted;
+  p.precomputed_lse = static_cast<const acc_t*>(problem.precomputed_lse);
   p.num_classes = problem.num_classes;
   p.ignore_index = problem.ignore_index;
   p.k_s = static_cast<acc_t>(problem.k_s);
@@ -810,13 +905,16 @@ int blocks_per_row(int64_t num_rows, int64_t num_classes, int num_sms) {
 size_t workspace_bytes(const RowsProblem& problem, int blocks_per_row) {
   if (blocks_per_row <= 1) return 0;
   const size_t acc_bytes = problem.dtype == ScalarKind::Float64 ? sizeof(double) : sizeof(float);
-  // Partial (3 values) per block, then RowInputs (2 values) per row.
-  return static_cast<size_t>(problem.num_rows) * (blocks_per_row * 3 + 2) * acc_bytes;
+  // Partial (3 values) per block, RowInputs (2 values) per row, then, when predicting, a first
+  // column (4 bytes, aligned after values of 4 or 8) per block.
+  const size_t columns = problem.predicted != nullptr ? size_t(blocks_per_row) * sizeof(int32_t) : 0;
+  return static_cast<size_t>(problem.num_rows) * (columns + (blocks_per_row * 3 + 2) * acc_bytes);
 }
 
 cudaError_t launch_smoothed_xent_rows(const RowsProblem& problem, int blocks_per_row, void* workspace,
                                       cudaStream_t stream) {
   if (problem.num_rows == 0) return cudaSuccess;
+  if (problem.predicted != nullptr && problem.num_classes >= kNoColumn) return cudaErrorInvalidValue;
   if (problem.num_rows * int64_t(blocks_per_row) > 0x7fffffff) return cudaErrorInvalidConfiguration;
   switch (problem.dtype) {
     case ScalarKind::Float32:

@@ -22,8 +22,11 @@ Memory traffic per row (b = bytes per logit; docs/traffic-model.md counts it per
     persistent (L2 hints):       read V*b from DRAM and V*b from L2, write V*b, when the rows in
                                  flight fit 3/4 of L2
     ignored row:                 read V*b once (its lse), write V*b zeros, no second read
+    lse given (precomputed_lse): read V*b once, write V*b (given_lse_kernel)
 Nothing else of size V is written: the loss and lse are 4 bytes per row. The loss-only op
 (WRITE_GRAD=False) stops after pass 1: read V*b, no write of size V, no gradient allocated.
+With PREDICT pass 1 also keeps the first class of the running max (a compare and a min per chunk,
+8 bytes written per row): each row's argmax, with no further read.
 Every access of a chunk is 16 bytes wide, whatever V: where Triton cannot prove it (V or the row
 stride not a multiple of 16 elements, V = 50257 say) the fused kernel splits each row into a
 16-byte-aligned body and fewer than 16 bytes of scalar edges on each side (ALIGN, aligned_body).
@@ -50,6 +53,7 @@ from fused_ls.triton import tuning
 # an SM). Tests lower both to reach the streamed path at sizes the interpreter can run.
 MAX_SINGLE_BLOCK = 8192
 CHUNKED_BLOCK = 4096
+GIVEN_LSE_CHUNK_BYTES = 8192  # the logits a given-lse program holds at once, as a streamed chunk
 
 
 @triton.jit
@@ -134,6 +138,19 @@ def _distance_sum(y, w, mask, offs, t, ref, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def _fold_argmax(best_class, m_before, m, y, mask, classes):
+    """The first class holding the row's running max, with one more stretch folded in: `m` is
+    the max after it (from _fold), `m_before` the max before. Stretches may come out of class
+    order (the aligned body's edges are folded first), so a tie keeps the smaller class. Starts
+    at _NO_CLASS; a row of -inf only ends at its smallest class, 0, as torch.argmax gives."""
+    here = tl.min(tl.where(mask & (y == m), classes, _NO_CLASS), axis=0)
+    return tl.where(m > m_before, here, tl.minimum(best_class, here))
+
+
+_NO_CLASS = tl.constexpr(2147483647)
+
+
+@triton.jit
 def _to_output(g, out_ty: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr):
     """Round the fp32 gradient once, to nearest-even, into the output dtype."""
     if EMULATE_RTNE_BF16:
@@ -180,11 +197,11 @@ def _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t, z_loss, in_range, ignored
 @triton.jit
 def _one_row(
     row, logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr, loss_ptr, lse_ptr,
-    stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
+    predicted_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
     V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
     ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr, L2_HINTS: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, PREDICT: tl.constexpr,
 ):
     logits_row = logits_ptr + row * stride_logits_row
     grad_row = grad_ptr + row * stride_grad_row
@@ -241,15 +258,23 @@ def _one_row(
     s = tl.zeros((), ACC)
     d = tl.zeros((), ACC)
     w_seen = tl.zeros((), ACC)
+    # With PREDICT, the row's argmax: the first class holding its running max.
+    best_class = tl.full((), _NO_CLASS, tl.int32)
     if ALIGN:
         cls_e, mask_e, y_e, w_e = _load_edges(logits_row, weight_ptr, stride_weight, head, head + body_len, V,
                                               logit_scale, softcap, inv_softcap, VEC, HAS_SOFTCAP, HAS_WEIGHT, ACC)
+        m_before = m
         m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, y_e, w_e, mask_e, cls_e, t_lane, HAS_WEIGHT)
+        if PREDICT:
+            best_class = _fold_argmax(best_class, m_before, m, y_e, mask_e, cls_e)
     if SINGLE_PASS:
         # The whole body in registers, kept for the gradient: the row is read once.
         mask, y, w = _load_chunk(logits_body, weight_body, stride_weight, offs0, body_len, logit_scale, softcap,
                                  inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
+        m_before = m
         m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, y, w, mask, offs0, t_body, HAS_WEIGHT)
+        if PREDICT:
+            best_class = _fold_argmax(best_class, m_before, m, y, mask, offs0 + head)
     else:
         if LOAD_AHEAD:
             x_next = tl.load(logits_body + offs0, mask=offs0 < body_len, other=0.0, eviction_policy=FIRST_READ)
@@ -264,7 +289,10 @@ def _one_row(
             else:
                 mask, yc, wc = _load_chunk(logits_body, weight_body, stride_weight, offs, body_len, logit_scale,
                                            softcap, inv_softcap, HAS_SOFTCAP, HAS_WEIGHT, ACC, FIRST_READ)
+            m_before = m
             m, r, s, d, w_seen = _fold(m, r, s, d, w_seen, yc, wc, mask, offs, t_body, HAS_WEIGHT)
+            if PREDICT:
+                best_class = _fold_argmax(best_class, m_before, m, yc, mask, offs + head)
 
     loss, lse, log_s, p_coef, k_s_row, true_mass = _row_loss(m, s, d, y_t, w_t, weight_sum, k_s, k_t, z_loss,
                                                              in_range, ignored)
@@ -272,6 +300,8 @@ def _one_row(
     active = in_range & ~ignored
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    if PREDICT:  # 0 where a NaN max matched no class
+        tl.store(predicted_ptr + row, tl.where(best_class < V, best_class, 0).to(tl.int64))
 
     # Pass 2: the gradient, rounded once to the output dtype.
     if WRITE_GRAD:
@@ -324,6 +354,7 @@ def smoothed_xent_fwd_kernel(
     grad_scale_ptr,    # (N,) multiplies row i's gradient, any stride (0 for a scalar); read only with WRITE_GRAD
     loss_ptr,          # (N,) per-row loss out
     lse_ptr,           # (N,) per-row logsumexp of the transformed logits out
+    predicted_ptr,     # (N,) int64 per-row argmax out, written only with PREDICT
     stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
     N, V, ignore_index,
     k_s, k_t,          # smoothing mass per unit of class weight; extra mass on the true class
@@ -334,28 +365,32 @@ def smoothed_xent_fwd_kernel(
     PERSISTENT: tl.constexpr,  # a grid smaller than N, each program taking every num_programs-th row
     L2_HINTS: tl.constexpr,    # cache-eviction hints that keep a row in L2 between its two reads
     ALIGN: tl.constexpr,       # rows not all 16-byte aligned: an aligned body and scalar edges (_one_row)
+    PREDICT: tl.constexpr,     # also each row's argmax (the first class of largest y)
 ):
     if PERSISTENT:
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
             _one_row(tl.cast(row, tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr,
-                     loss_ptr, lse_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
+                     loss_ptr, lse_ptr, predicted_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
                      stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
-                     HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN)
+                     HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN,
+                     PREDICT)
     else:
         _one_row(tl.program_id(0).to(tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr,
-                 grad_scale_ptr, loss_ptr, lse_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
+                 grad_scale_ptr, loss_ptr, lse_ptr, predicted_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
                  stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
-                 HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN)
+                 HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN,
+                 PREDICT)
 
 
 # Partials a segment publishes for its row: r (its finite max stand-in), m (its max), s = sum
-# exp(y - r), d = sum w (r - y) over c != t, w_seen = sum of w over its finite lanes, y_t.
+# exp(y - r), d = sum w (r - y) over c != t, w_seen = sum of w over its finite lanes, y_t, and
+# the first class at its max m.
 _PARTIALS = tl.constexpr(8)  # padded to a power of two
 
 
 @triton.jit
 def smoothed_xent_split_kernel(
-    logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr, loss_ptr, lse_ptr,
+    logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr, loss_ptr, lse_ptr, predicted_ptr,
     partials_ptr,      # (N, SEGMENTS, _PARTIALS) float32/64 scratch
     arrivals_ptr,      # (N,) int32, zero before the launch: segments of the row that published
     stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale,
@@ -364,6 +399,7 @@ def smoothed_xent_split_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
     SEGMENTS_POW2: tl.constexpr, ACC: tl.constexpr, EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr,
     PHASE: tl.constexpr,  # 0: one cooperative launch; 1 then 2: two launches (the interpreter's split-phase mode)
+    PREDICT: tl.constexpr,
 ):
     """Each row split into SEGMENTS segments of BLOCK logits, one program a segment, every
     segment held in registers from its read to its gradient: the logits are read from DRAM
@@ -392,9 +428,12 @@ def smoothed_xent_split_kernel(
             s_j = tl.sum(tl.exp(y_masked - r_j), axis=0)
             d_j, w_seen_j = _distance_sum(y, w, mask, offs, t_lane, r_j, HAS_WEIGHT)
             y_t_j = tl.sum(tl.where(offs == t_lane, y, 0.0), axis=0)
+            # The segment's first class at its max, exact in the partials' float (the launcher
+            # keeps V below 2^24 with PREDICT).
+            at_j = tl.min(tl.where(mask & (y_masked == m_j), offs, 2147483647), axis=0).to(ACC)
             published = tl.where(parts == 0, r_j, tl.where(parts == 1, m_j, tl.where(parts == 2, s_j, tl.where(
-                parts == 3, d_j, tl.where(parts == 4, w_seen_j, y_t_j)))))
-            tl.store(row_partials + segment * _PARTIALS + parts, published, mask=parts < 6)
+                parts == 3, d_j, tl.where(parts == 4, w_seen_j, tl.where(parts == 5, y_t_j, at_j))))))
+            tl.store(row_partials + segment * _PARTIALS + parts, published, mask=parts < 7)
             # Every thread's stores are done before the one release that announces them.
             tl.debug_barrier()
             tl.atomic_add(arrivals_ptr + row, 1, sem="release", scope="gpu")
@@ -431,6 +470,11 @@ def smoothed_xent_split_kernel(
             if segment == 0:
                 tl.store(loss_ptr + row, loss)
                 tl.store(lse_ptr + row, lse)
+                if PREDICT:
+                    # The first segment holding the row's max, and its first class there.
+                    at_all = tl.load(base + 6, mask=seg_mask & (m_all == m), other=float("inf"), volatile=True)
+                    first = tl.min(at_all, axis=0)
+                    tl.store(predicted_ptr + row, tl.where(first < V, first, 0.0).to(tl.int64))  # 0 for a NaN max
             if WRITE_GRAD:
                 grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
                 g = _row_gradient(y, w, offs, t_lane, p_coef, k_s_row, true_mass, m, log_s, grad_scale, logit_scale,
@@ -438,6 +482,81 @@ def smoothed_xent_split_kernel(
                 g = tl.where(active, g, 0.0)  # also where a row of -inf made p NaN
                 tl.store(grad_ptr + row * stride_grad_row + offs, _to_output(g, grad_ptr.dtype.element_ty,
                                                                              EMULATE_RTNE_BF16), mask=mask)
+
+
+# The row op when a previous pass already has each row's lse (precomputed_lse): with lse known,
+# p_c = exp(y_c - lse) needs no max or sum first, so every chunk of a row is finished the moment
+# it is read, and a row is read once whatever V (read V*b, write V*b; the streamed launch reads
+# 2 V*b). The loss is taken as k_s sum_{c != t} w_c (lse - y_c) + (k_s + k_t) w_t (lse - y_t)
+# + z lse^2: for the row's true lse every distance is >= 0, so the sum never cancels. The
+# caller's lse is trusted: the results are those of the lse given. One program a row, streaming
+# chunks of GIVEN_LSE_CHUNK_BYTES.
+@triton.jit
+def given_lse_kernel(
+    logits_ptr,        # (N, V) unit stride along V
+    grad_ptr,          # (N, V) out, logits' dtype; may be logits_ptr (in place); unused without WRITE_GRAD
+    target_ptr,        # (N,) int32 or int64, any stride
+    weight_ptr,        # (V,) class weights, read only when HAS_WEIGHT
+    weight_sum_ptr,    # 0-d, their sum, read only when HAS_WEIGHT
+    grad_scale_ptr,    # (N,) any stride (0 for one scale); read only with WRITE_GRAD
+    given_lse_ptr,     # (N,) the caller's lse, any stride
+    loss_ptr, lse_ptr,  # (N,) out
+    predicted_ptr,     # (N,) int64 out, written only with PREDICT
+    stride_logits_row, stride_grad_row, stride_target, stride_weight, stride_grad_scale, stride_given_lse,
+    V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    EMULATE_RTNE_BF16: tl.constexpr, WRITE_GRAD: tl.constexpr, PREDICT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_row
+    grad_row = grad_ptr + row * stride_grad_row
+    t = tl.load(target_ptr + row * stride_target).to(tl.int64)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    active = in_range & ~ignored
+    t_lane = tl.where(in_range, t, -1).to(tl.int32)
+    if HAS_WEIGHT:
+        weight_sum = tl.load(weight_sum_ptr).to(ACC)
+        w_t = tl.load(weight_ptr + t * stride_weight, mask=active, other=0.0).to(ACC)
+    else:
+        weight_sum = V * 1.0
+        w_t = 1.0
+    x_t = tl.load(logits_row + tl.where(in_range, t, 0), mask=in_range, other=0.0)
+    y_t = _transform(x_t.to(ACC), logit_scale, softcap, inv_softcap, HAS_SOFTCAP)
+    lse = tl.load(given_lse_ptr + row * stride_given_lse).to(ACC)
+    # The row's statistics as m = lse, s = 1 (log s = 0) and no smoothing sum yet: every term
+    # but the smoothing sum, and the gradient's coefficients.
+    one = tl.full((), 1.0, ACC)
+    loss, lse, log_s, p_coef, k_s_row, true_mass = _row_loss(lse, one, 0.0 * one, y_t, w_t, weight_sum, k_s, k_t,
+                                                             z_loss, in_range, ignored)
+    if WRITE_GRAD:
+        out_ty: tl.constexpr = grad_ptr.dtype.element_ty
+        grad_scale = tl.where(active, tl.load(grad_scale_ptr + row * stride_grad_scale).to(ACC), 0.0)
+    offs0 = tl.arange(0, BLOCK)
+    d = tl.zeros((), ACC)
+    running_max = tl.full((), -float("inf"), ACC)
+    best_class = tl.full((), _NO_CLASS, tl.int32)
+    for start in range(0, V, BLOCK):
+        offs = start + offs0
+        mask, y, w = _load_chunk(logits_row, weight_ptr, stride_weight, offs, V, logit_scale, softcap, inv_softcap,
+                                 HAS_SOFTCAP, HAS_WEIGHT, ACC, "")
+        d_chunk, _ = _distance_sum(y, w, mask, offs, t_lane, lse, HAS_WEIGHT)
+        d += d_chunk
+        if PREDICT:
+            max_before = running_max
+            running_max = tl.maximum(running_max, tl.max(tl.where(mask, y, -float("inf")), axis=0))
+            best_class = _fold_argmax(best_class, max_before, running_max, y, mask, offs)
+        if WRITE_GRAD:
+            g = _row_gradient(y, w, offs, t_lane, p_coef, k_s_row, true_mass, lse, log_s, grad_scale, logit_scale,
+                              inv_softcap, HAS_SOFTCAP)
+            g = tl.where(active, g, 0.0)
+            tl.store(grad_row + offs, _to_output(g, out_ty, EMULATE_RTNE_BF16), mask=mask)
+    # A term of mass 0 is exactly 0, even at a distance of +inf (a masked class).
+    loss = tl.where(active, loss + k_s * tl.where(k_s != 0.0, d, 0.0), loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    if PREDICT:  # 0 for a row of -inf only, or where a NaN max matched no class
+        tl.store(predicted_ptr + row, tl.where(best_class < V, best_class, 0).to(tl.int64))
 
 
 @triton.jit
@@ -526,10 +645,11 @@ def default_config(V: int, dtype: torch.dtype) -> LaunchConfig:
 
 
 def candidate_configs(V: int, dtype: torch.dtype, has_weight: bool, has_softcap: bool,
-                      split: bool = False) -> list[LaunchConfig]:
+                      split: bool = False, predict: bool = False) -> list[LaunchConfig]:
     """Every launch the tuner may choose for these rows, the default first; `split` adds the
     cooperative ones. Each compiles without register spills for sm_80, sm_90 and sm_100
-    (tests/triton_targets.py checks)."""
+    (tests/triton_targets.py checks), also with `predict` (each row's argmax): its registers
+    spill at 16 warps (64 a thread), so those launches are left out then."""
     default = default_config(V, dtype)
     if V <= MAX_SINGLE_BLOCK:
         return [default]
@@ -546,6 +666,8 @@ def candidate_configs(V: int, dtype: torch.dtype, has_weight: bool, has_softcap:
         configs.append(LaunchConfig("persistent", 8192, 16, programs_per_sm))
     if split:
         configs += [LaunchConfig("split", 8192, 8, 1), LaunchConfig("split", 4096, 8, 2)]
+    if predict:
+        configs = [config for config in configs if config.num_warps < 16]
     return list(dict.fromkeys(configs))
 
 
@@ -596,9 +718,11 @@ def smoothed_xent_rows_out(
     z_loss: float,
     softcap: float,
     logit_scale: float,
+    predicted_out: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> None:
-    """Launch the fused kernel, writing into the given buffers (grad_out may be logits).
+    """Launch the fused kernel, writing into the given buffers (grad_out may be logits;
+    predicted_out, an (N,) int64 buffer, gets each row's argmax when given).
 
     target (N,) and weight (V,) may have any stride, 0 included. grad_scale holds one
     element (0-d or (1,)) scaling every row, or N (any stride) scaling row i by
@@ -609,9 +733,11 @@ def smoothed_xent_rows_out(
         return
     if config is None:
         config = default_config(V, logits.dtype)
+    if config.kind == "split" and predicted_out is not None and V > 1 << 24:
+        config = default_config(V, logits.dtype)  # the split's partials hold a class exactly below 2^24
     if config.kind == "split":
         _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss_out, lse_out, k_s, k_t,
-                      ignore_index, z_loss, softcap, logit_scale, config)
+                      ignore_index, z_loss, softcap, logit_scale, config, predicted_out=predicted_out)
         return
     acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
     has_weight = weight is not None
@@ -624,6 +750,7 @@ def smoothed_xent_rows_out(
         logits, grad_out if write_grad else logits, target,
         weight if has_weight else unused, weight_sum if has_weight else unused,
         grad_scale if write_grad else unused, loss_out, lse_out,
+        predicted_out if predicted_out is not None else unused,
         logits.stride(0), grad_out.stride(0) if write_grad else 0,
         target.stride(0), weight.stride(0) if has_weight else 0, stride_grad_scale,
         N, V, ignore_index,
@@ -632,7 +759,7 @@ def smoothed_xent_rows_out(
         BLOCK=config.elements(logits.dtype), SINGLE_PASS=config.kind == "single", ACC=acc,
         EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out),
         WRITE_GRAD=write_grad, PERSISTENT=persistent, L2_HINTS=persistent,
-        ALIGN=aligned_body(logits, grad_out), num_warps=config.num_warps,
+        ALIGN=aligned_body(logits, grad_out), PREDICT=predicted_out is not None, num_warps=config.num_warps,
     )
 
 
@@ -654,7 +781,8 @@ def aligned_body(logits: torch.Tensor, grad: torch.Tensor | None) -> bool:
 
 
 def _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss_out, lse_out, k_s, k_t,
-                  ignore_index, z_loss, softcap, logit_scale, config: LaunchConfig, phases=None) -> None:
+                  ignore_index, z_loss, softcap, logit_scale, config: LaunchConfig, phases=None,
+                  predicted_out=None) -> None:
     N, V = logits.shape
     block = config.elements(logits.dtype)
     segments = triton.cdiv(V, block)
@@ -675,7 +803,8 @@ def _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss
         smoothed_xent_split_kernel[(grid,)](
             logits, grad_out if write_grad else logits, target,
             weight if has_weight else unused, weight_sum if has_weight else unused,
-            grad_scale if write_grad else unused, loss_out, lse_out, partials, arrivals,
+            grad_scale if write_grad else unused, loss_out, lse_out,
+            predicted_out if predicted_out is not None else unused, partials, arrivals,
             logits.stride(0), grad_out.stride(0) if write_grad else 0,
             target.stride(0), weight.stride(0) if has_weight else 0,
             _grad_scale_stride(grad_scale, N) if write_grad else 0,
@@ -684,8 +813,34 @@ def _launch_split(logits, target, weight, weight_sum, grad_scale, grad_out, loss
             segments, HAS_WEIGHT=has_weight, HAS_SOFTCAP=softcap > 0, BLOCK=block,
             SEGMENTS_POW2=triton.next_power_of_2(segments), ACC=tl.float64 if logits.dtype == torch.float64 else tl.float32,
             EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad_out), WRITE_GRAD=write_grad, PHASE=phase,
-            num_warps=config.num_warps, **options,
+            PREDICT=predicted_out is not None, num_warps=config.num_warps, **options,
         )
+
+
+def given_lse_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse, given_lse, k_s, k_t,
+                       ignore_index, z_loss, softcap, logit_scale, predicted=None) -> None:
+    """Launch given_lse_kernel into the given buffers (grad None: the loss-only op)."""
+    N, V = logits.shape
+    if N == 0:
+        return
+    block = max(16, min(triton.next_power_of_2(V), GIVEN_LSE_CHUNK_BYTES // logits.dtype.itemsize))
+    write_grad = grad is not None
+    unused = loss
+    given_lse_kernel[(N,)](
+        logits, grad if write_grad else logits, target,
+        weight if weight is not None else unused, weight_sum if weight is not None else unused,
+        grad_scale if write_grad else unused, given_lse, loss, lse,
+        predicted if predicted is not None else unused,
+        logits.stride(0), grad.stride(0) if write_grad else 0, target.stride(0),
+        weight.stride(0) if weight is not None else 0,
+        _grad_scale_stride(grad_scale, N) if write_grad else 0, given_lse.stride(0),
+        V, ignore_index, k_s, k_t, z_loss, softcap if softcap > 0 else 1.0, 1.0 / softcap if softcap > 0 else 1.0,
+        logit_scale,
+        HAS_WEIGHT=weight is not None, HAS_SOFTCAP=softcap > 0, BLOCK=block,
+        ACC=tl.float64 if logits.dtype == torch.float64 else tl.float32,
+        EMULATE_RTNE_BF16=write_grad and _emulate_rtne(grad), WRITE_GRAD=write_grad, PREDICT=predicted is not None,
+        num_warps=8 if block >= 4096 else 4,
+    )
 
 
 def _grad_scale_stride(grad_scale: torch.Tensor, num_rows: int) -> int:
@@ -722,17 +877,22 @@ def _emulate_rtne(out: torch.Tensor) -> bool:
 
 
 def _run_out(logits, target, weight, grad_scale, grad, loss, lse, k_s, k_t, ignore_index, z_loss, softcap,
-             logit_scale):
-    check_row_op_arguments(logits, target, weight, grad_scale, k_s, k_t, softcap)
+             logit_scale, predicted=None, precomputed_lse=None):
+    check_row_op_arguments(logits, target, weight, grad_scale, k_s, k_t, softcap, predicted, precomputed_lse)
     weight_sum = None
     if weight is not None:
         weight_sum = class_weight_sum(weight, logits.dtype)
     args = (k_s, k_t, ignore_index, z_loss, softcap, logit_scale)
-    config = _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args)
-    smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse, *args, config=config)
+    if precomputed_lse is not None:
+        given_lse_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse,
+                           precomputed_lse.to(loss.dtype), *args, predicted=predicted)
+        return
+    config = _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args, predict=predicted is not None)
+    smoothed_xent_rows_out(logits, target, weight, weight_sum, grad_scale, grad, loss, lse, *args,
+                           predicted_out=predicted, config=config)
 
 
-def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -> LaunchConfig:
+def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args, predict=False) -> LaunchConfig:
     """The tuned launch for these rows (fused_ls/triton/tuning.py), the default where only
     one candidate exists."""
     N, V = logits.shape
@@ -742,16 +902,18 @@ def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -
     # A decided launch is one dict look-up per call (a pin or FUSED_LS_AUTOTUNE=0 is read anew).
     settings = (os.environ.get("FUSED_LS_TRITON_LAUNCH"), os.environ.get("FUSED_LS_AUTOTUNE"),
                 os.environ.get("FUSED_LS_UNVALIDATED_LAUNCHES"))
-    memo_key = (logits.device, V, logits.dtype, weight is not None, softcap > 0, grad is not None, settings)
+    memo_key = (logits.device, V, logits.dtype, weight is not None, softcap > 0, grad is not None, predict, settings)
     if memo_key in _DECIDED:
         return _DECIDED[memo_key]
     candidates = candidate_configs(V, logits.dtype, weight is not None, softcap > 0,
-                                   split=split_launch_allowed(logits.device))
+                                   split=split_launch_allowed(logits.device), predict=predict)
     if len(candidates) == 1 and not os.environ.get("FUSED_LS_TRITON_LAUNCH"):
         return candidates[0]
     by_name = {config.name: config for config in candidates}
-    key = tuning.tuning_key(logits.device, V, logits.dtype, (weight is not None, softcap > 0, grad is not None,
-                                                             "split" if candidates[-1].kind == "split" else ""))
+    features = (weight is not None, softcap > 0, grad is not None, "split" if candidates[-1].kind == "split" else "")
+    if predict:  # a key of its own, as its candidates; the keys tuned before it stay as they were
+        features += ("predict",)
+    key = tuning.tuning_key(logits.device, V, logits.dtype, features)
     rows = tuning.trial_rows(N, V, device_shape(logits.device)[0])
     per_row_scale = grad_scale is not None and grad_scale.numel() == N and N > 1
 
@@ -762,8 +924,9 @@ def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args) -
         loss, lse = head.new_empty(rows, dtype=lse_dtype(logits)), head.new_empty(rows, dtype=lse_dtype(logits))
         scratch = None if grad is None else torch.empty_like(head, memory_format=torch.contiguous_format)
         scale = grad_scale[:rows] if per_row_scale else grad_scale
+        predicted = head.new_empty(rows, dtype=torch.int64) if predict else None
         smoothed_xent_rows_out(head, target[:rows], weight, weight_sum, scale, scratch, loss, lse, *args,
-                               config=by_name[name])
+                               predicted_out=predicted, config=by_name[name])
         return loss, lse, scratch
 
     chosen = by_name[tuning.choose(key, list(by_name), trial, may_tune=_may_tune(logits))]
