@@ -199,7 +199,7 @@ else
     TRITON_LAUNCHES=$("$PY" -c "from fused_ls.bench.xent import TRITON_LAUNCHES as L; print(','.join('triton:' + n for n in L))")
     SHAPES=16384x32000:bf16,16384x50257:bf16,16384x128256:bf16,16384x256000:bf16,16384x128256:fp32
     BENCH_ARGS+=(--device cuda --shapes "$SHAPES" \
-        --providers "eager,compile,triton,triton-inplace,$TRITON_LAUNCHES,native,native-inplace,liger")
+        --providers "eager,compile,triton,triton-inplace,triton-accuracy,$TRITON_LAUNCHES,native,native-inplace,liger")
 fi
 LINEAR_S=${FUSED_LS_GPU_LINEAR_S:-90}
 BENCH_CAP=$((BUDGET - $(elapsed) - RESERVE - LINEAR_S))

@@ -92,10 +92,12 @@ def _fused_unavailable(backend: str) -> Callable[[torch.device], str | None]:
     return reason
 
 
-def _fused_loss(backend: str, inplace: bool) -> Callable[[float], LossFn]:
+def _fused_loss(backend: str, inplace: bool, accuracy: bool = False) -> Callable[[float], LossFn]:
     def make(label_smoothing: float) -> LossFn:
         def loss(logits, target):
-            return smoothed_xent(logits, target, label_smoothing, backend=backend, inplace_backward=inplace)
+            out = smoothed_xent(logits, target, label_smoothing, backend=backend, inplace_backward=inplace,
+                                return_accuracy=accuracy)
+            return out.loss if accuracy else out
 
         return loss
 
@@ -134,6 +136,8 @@ for _backend in ("triton", "native"):
                       _fused_unavailable(_backend), _fused_loss(_backend, inplace=False)))
     register(Provider(f"{_backend}-inplace", f"fused_ls.smoothed_xent(backend={_backend!r}, inplace_backward=True)",
                       True, _fused_unavailable(_backend), _fused_loss(_backend, inplace=True)))
+    register(Provider(f"{_backend}-accuracy", f"fused_ls.smoothed_xent(backend={_backend!r}, return_accuracy=True)",
+                      False, _fused_unavailable(_backend), _fused_loss(_backend, inplace=False, accuracy=True)))
 
 def _pinned_triton_loss(launch: str) -> Callable[[float], LossFn]:
     """One Triton launch, pinned (FUSED_LS_TRITON_LAUNCH) instead of tuned; the split launches
