@@ -142,11 +142,19 @@ def check_arguments(logits, target, label_smoothing, weight, reduction, conventi
     check_convention(convention, num_classes)
 
 
+def check_predictions_allowed(module_keywords: dict) -> None:
+    """A module's keywords, checked when it is built: no predictions over a split vocabulary."""
+    wanted = module_keywords.get("return_accuracy") or module_keywords.get("return_predictions")
+    if wanted and module_keywords.get("process_group") is not None:
+        raise ValueError("return_accuracy and return_predictions are not available with process_group")
+
+
 def check_precomputed_lse(precomputed_lse, target, logits) -> None:
     if precomputed_lse is None:
         return
     if not isinstance(precomputed_lse, torch.Tensor) or not precomputed_lse.is_floating_point():
-        raise TypeError(f"precomputed_lse must be a floating-point tensor, got {getattr(precomputed_lse, 'dtype', precomputed_lse)!r}")
+        what = getattr(precomputed_lse, "dtype", precomputed_lse)
+        raise TypeError(f"precomputed_lse must be a floating-point tensor, got {what!r}")
     if tuple(precomputed_lse.shape) != tuple(target.shape):
         raise ValueError(f"precomputed_lse must have the shape of target {tuple(target.shape)}, got "
                          f"{tuple(precomputed_lse.shape)}")

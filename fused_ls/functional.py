@@ -214,7 +214,6 @@ def smoothed_xent(
     return loss
 
 
-
 def _is_dtensor(tensor) -> bool:
     # DTensor logits (sharded on the classes) take the vocabulary-parallel path; with
     # torch.distributed.tensor never imported, no DTensor exists and the check is free.
@@ -271,6 +270,7 @@ class SmoothedCrossEntropyLoss(torch.nn.Module):
         if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1):
             raise TypeError(f"weight must be a 1-D tensor of class weights or None, got {getattr(weight, 'shape', weight)!r}")
         _core.check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _core.OPTION_KEYWORDS})
+        _core.check_predictions_allowed(kwargs)
         self.register_buffer("weight", weight)
         self.label_smoothing = label_smoothing
         self.kwargs = kwargs

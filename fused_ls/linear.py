@@ -282,6 +282,7 @@ class SmoothedLinearCrossEntropyLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"SmoothedLinearCrossEntropyLoss got unexpected keyword arguments {sorted(unknown)}")
         _core.check_options(label_smoothing, **{k: v for k, v in kwargs.items() if k in _HEAD_OPTIONS})
+        _core.check_predictions_allowed(kwargs)
         class_weight = kwargs.get("class_weight")
         if class_weight is not None and (not isinstance(class_weight, torch.Tensor) or class_weight.dim() != 1):
             raise TypeError(f"class_weight must be a 1-D tensor or None, got {getattr(class_weight, 'shape', class_weight)!r}")

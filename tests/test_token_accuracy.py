@@ -60,9 +60,10 @@ def expected_accuracy(predicted, target, ignore_index=-100):
 
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_predictions_are_the_first_class_of_largest_y_on_every_backend(backend, device, feature, dtype):
+@pytest.mark.parametrize("V", [203, 5000])  # one chunk of the CPU kernel and the Triton launches; several
+def test_predictions_are_the_first_class_of_largest_y_on_every_backend(backend, device, feature, dtype, V):
     options = dict(FEATURES[feature])
-    N, V = 9, 203
+    N = 9
     logits = grid_logits(N, V, dtype, device, offset=1)
     target = torch.randint(0, V, (N,), device=device, dtype=torch.int32)
     target[4] = -100
@@ -260,3 +261,27 @@ def test_the_linear_head_predicts_each_token_from_its_chunks_pass(backend, devic
     torch.testing.assert_close(out.loss, plain, rtol=0, atol=0)
     for got, expected in zip(grads, plain_grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_module_asking_for_accuracy_over_a_split_vocabulary_is_refused_when_built():
+    from fused_ls import SmoothedLinearCrossEntropyLoss
+
+    for module in (SmoothedCrossEntropyLoss, SmoothedLinearCrossEntropyLoss):
+        with pytest.raises(ValueError, match="return_accuracy"):
+            module(0.1, return_accuracy=True, process_group=object())
+
+
+def test_a_float64_row_split_over_cuda_blocks_keeps_its_bits_but_for_the_documented_last_ones(emulated_cuda):
+    """The one documented exception to "asking changes no bit": the native CUDA kernels take a
+    float64 row with predictions in one block; float32 and bfloat16 split rows keep every bit."""
+    N, V = 3, 20000
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        logits = torch.randn(N, V).to(dtype)
+        target = torch.randint(0, V, (N,))
+        plain = _run_emulated(emulated_cuda, logits, target, None, 0.1, 4)
+        predicted = torch.full((N,), -7, dtype=torch.int64)
+        asked = _run_emulated(emulated_cuda, logits, target, None, 0.1, 4, predicted=predicted)
+        torch.testing.assert_close(predicted, logits.double().argmax(-1), rtol=0, atol=0)
+        exact = dtype != torch.float64
+        for got, want in zip(asked, plain):
+            torch.testing.assert_close(got, want, rtol=0 if exact else 1e-13, atol=0 if exact else 1e-15)

@@ -31,6 +31,7 @@
 #include "smoothed_xent_kernel.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -341,16 +342,28 @@ class RowKernel {
   }
 
   // The first class whose y is the row's max m: in the first chunk whose max is m, which pass 1
-  // has just read (at most kChunk logits again, from cache). y is recomputed as pass 1 took it
-  // (y_ with softcap; x * logit_scale, one rounding, otherwise), so the compare is exact. A row
+  // has just read (at most kChunk logits again, from cache), compared a vector at a time. y is
+  // taken as pass 1 took it (y_ with softcap, load_y otherwise), so the compare is exact. A row
   // of -inf only gives 0; a row holding NaN, whose max pass 1 may have dropped, any class.
   int64_t first_argmax(const scalar_t* x, acc_t m) const {
+    const Vec max(m);
+    constexpr int kAllLanes = int((uint64_t{1} << kLanes) - 1);
     for (int64_t k = 0; k < num_chunks_; ++k) {
       if (chunk_[k].max != m) continue;
       const int64_t c0 = k * kChunk, c1 = std::min(c0 + kChunk, V_);
-      for (int64_t c = c0; c < c1; ++c) {
-        const acc_t y = kHasSoftcap ? y_[c] : static_cast<acc_t>(x[c]) * logit_scale_;
-        if (y == m) return c;
+      for (int64_t c = c0; c < c1; c += kStep) {
+        Vec a, b;
+        if constexpr (kHasSoftcap) {
+          a = Vec::loadu(y_.get() + c);
+          b = Vec::loadu(y_.get() + c + kLanes);
+        } else {
+          load_y(x, c, c1 - c, a, b);  // lanes past the row's end hold -inf
+        }
+        // zero_mask() has a bit set for each lane that compared unequal (all bits clear).
+        const int equal_a = ~(a == max).zero_mask() & kAllLanes;
+        const int equal_b = ~(b == max).zero_mask() & kAllLanes;
+        if (equal_a != 0) return std::min(c + __builtin_ctz(equal_a), c1 - 1);
+        if (equal_b != 0) return std::min(c + kLanes + __builtin_ctz(equal_b), c1 - 1);
       }
     }
     return 0;

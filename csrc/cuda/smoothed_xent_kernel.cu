@@ -849,7 +849,9 @@ cudaError_t launch(Params<acc_t> p, int64_t num_rows, void* workspace, cudaStrea
   if (p.predicted == nullptr) return launch_kernels<false, scalar_t, kVec>(p, num_rows, workspace, stream);
   if (sizeof(acc_t) == 8 && p.blocks_per_row > 1) {
     // fp64 (for checks, not speed) rows are not split when predicting: the split kernel's
-    // argmax spills registers on sm_100. One block per row needs no workspace.
+    // argmax spills registers on sm_100 (kept in shared memory, it still did). One block per
+    // row needs no workspace; its sums run in another order, so such a row's loss and gradient
+    // may differ in the last bits from a call that does not predict.
     p.blocks_per_row = 1;
     p.columns_per_block = (p.num_classes + kVec - 1) / kVec * kVec;
   }

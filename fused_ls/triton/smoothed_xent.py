@@ -137,6 +137,10 @@ def _distance_sum(y, w, mask, offs, t, ref, HAS_WEIGHT: tl.constexpr):
     return d, w_finite
 
 
+# The first class at a row's max, before any class is seen (and where a NaN max matches none).
+_NO_CLASS = tl.constexpr(2147483647)
+
+
 @triton.jit
 def _fold_argmax(best_class, m_before, m, y, mask, classes):
     """The first class holding the row's running max, with one more stretch folded in: `m` is
@@ -145,9 +149,6 @@ def _fold_argmax(best_class, m_before, m, y, mask, classes):
     at _NO_CLASS; a row of -inf only ends at its smallest class, 0, as torch.argmax gives."""
     here = tl.min(tl.where(mask & (y == m), classes, _NO_CLASS), axis=0)
     return tl.where(m > m_before, here, tl.minimum(best_class, here))
-
-
-_NO_CLASS = tl.constexpr(2147483647)
 
 
 @triton.jit
@@ -369,15 +370,17 @@ def smoothed_xent_fwd_kernel(
 ):
     if PERSISTENT:
         for row in range(tl.program_id(0), N, tl.num_programs(0)):
-            _one_row(tl.cast(row, tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr, grad_scale_ptr,
-                     loss_ptr, lse_ptr, predicted_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
-                     stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+            _one_row(tl.cast(row, tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr,
+                     grad_scale_ptr, loss_ptr, lse_ptr, predicted_ptr, stride_logits_row, stride_grad_row,
+                     stride_target, stride_weight, stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap,
+                     inv_softcap, logit_scale,
                      HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN,
                      PREDICT)
     else:
         _one_row(tl.program_id(0).to(tl.int64), logits_ptr, grad_ptr, target_ptr, weight_ptr, weight_sum_ptr,
-                 grad_scale_ptr, loss_ptr, lse_ptr, predicted_ptr, stride_logits_row, stride_grad_row, stride_target, stride_weight,
-                 stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap, logit_scale,
+                 grad_scale_ptr, loss_ptr, lse_ptr, predicted_ptr, stride_logits_row, stride_grad_row, stride_target,
+                 stride_weight, stride_grad_scale, V, ignore_index, k_s, k_t, z_loss, softcap, inv_softcap,
+                 logit_scale,
                  HAS_WEIGHT, HAS_SOFTCAP, BLOCK, SINGLE_PASS, ACC, EMULATE_RTNE_BF16, WRITE_GRAD, L2_HINTS, ALIGN,
                  PREDICT)
 
@@ -428,12 +431,16 @@ def smoothed_xent_split_kernel(
             s_j = tl.sum(tl.exp(y_masked - r_j), axis=0)
             d_j, w_seen_j = _distance_sum(y, w, mask, offs, t_lane, r_j, HAS_WEIGHT)
             y_t_j = tl.sum(tl.where(offs == t_lane, y, 0.0), axis=0)
-            # The segment's first class at its max, exact in the partials' float (the launcher
-            # keeps V below 2^24 with PREDICT).
-            at_j = tl.min(tl.where(mask & (y_masked == m_j), offs, 2147483647), axis=0).to(ACC)
             published = tl.where(parts == 0, r_j, tl.where(parts == 1, m_j, tl.where(parts == 2, s_j, tl.where(
-                parts == 3, d_j, tl.where(parts == 4, w_seen_j, tl.where(parts == 5, y_t_j, at_j))))))
-            tl.store(row_partials + segment * _PARTIALS + parts, published, mask=parts < 7)
+                parts == 3, d_j, tl.where(parts == 4, w_seen_j, y_t_j)))))
+            if PREDICT:
+                # The segment's first class at its max, exact in the partials' float (the
+                # launcher keeps V below 2^24 with PREDICT).
+                at_j = tl.min(tl.where(mask & (y_masked == m_j), offs, _NO_CLASS), axis=0).to(ACC)
+                published = tl.where(parts == 6, at_j, published)
+                tl.store(row_partials + segment * _PARTIALS + parts, published, mask=parts < 7)
+            else:
+                tl.store(row_partials + segment * _PARTIALS + parts, published, mask=parts < 6)
             # Every thread's stores are done before the one release that announces them.
             tl.debug_barrier()
             tl.atomic_add(arrivals_ptr + row, 1, sem="release", scope="gpu")
