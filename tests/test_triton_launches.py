@@ -187,6 +187,16 @@ def test_the_tuner_keeps_the_fastest_candidate_that_agrees_and_remembers_it(smal
     assert tuning.choose("key", list(times), lambda name: pytest.fail("tuned again"), may_tune=True) == "fast"
 
 
+def test_the_tuner_drops_a_candidate_whose_predictions_differ_by_one_class(small_blocks):
+    def trial(name):
+        predicted = torch.tensor([5, 7, 1000 if name != "wrong" else 1001])
+        return (*_fake_outputs(1.0), predicted)
+
+    times = {"default": 3.0, "wrong": 1.0}
+    choice = tuning.choose("key", list(times), trial, may_tune=True, timer=lambda fn: times.pop(next(iter(times))))
+    assert choice == "default"
+
+
 def test_no_tuning_where_timing_would_sync_or_capture(small_blocks):
     names = ["default", "other"]
     assert tuning.choose("key", names, lambda name: pytest.fail("tuned"), may_tune=False) == "default"

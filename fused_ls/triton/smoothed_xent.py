@@ -934,7 +934,7 @@ def _chosen_launch(logits, target, weight, weight_sum, grad_scale, grad, args, p
         predicted = head.new_empty(rows, dtype=torch.int64) if predict else None
         smoothed_xent_rows_out(head, target[:rows], weight, weight_sum, scale, scratch, loss, lse, *args,
                                predicted_out=predicted, config=by_name[name])
-        return loss, lse, scratch
+        return loss, lse, scratch, predicted
 
     chosen = by_name[tuning.choose(key, list(by_name), trial, may_tune=_may_tune(logits))]
     if key in tuning.decided():  # tuned now or before: final (an untuned default, as during capture, is not)
