@@ -146,3 +146,27 @@ def test_the_cuda_kernels_use_the_lse_given(emulated_cuda, dtype, V, blocks):
     torch.testing.assert_close(loss.double(), true_loss, rtol=2e-5, atol=2e-5)
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(grad.double(), 0.5 * true_grad, rtol=rtol, atol=atol * 10)
+
+
+def test_expanded_logits_int32_targets_and_an_expanded_lse(fused_backend, device):
+    """What users pass: one row of logits broadcast to every target (stride 0), int32 targets,
+    the lse of that row expanded to the targets' shape; and a column slice of wider logits."""
+    row = torch.randn(1, 40, device=device)
+    row[0, :4] = -math.inf  # a masked part of the vocabulary
+    logits = row.expand(6, 40)
+    target = torch.randint(4, 40, (6,), device=device, dtype=torch.int32)
+    lse = torch.logsumexp(row, -1).expand(6)
+    out = smoothed_xent(logits, target, 0.1, precomputed_lse=lse, return_predictions=True, backend=fused_backend)
+    want = smoothed_xent_reference(logits.double(), target.long(), 0.1)
+    torch.testing.assert_close(out.loss.double(), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.predictions, logits.argmax(-1), rtol=0, atol=0)
+    wide = torch.randn(5, 60, device=device, requires_grad=True)
+    sliced = wide[:, 7:47]  # a view: row stride 60
+    target = torch.randint(0, 40, (5,), device=device)
+    loss = smoothed_xent(sliced, target, 0.1, precomputed_lse=torch.logsumexp(sliced.detach(), -1),
+                         backend=fused_backend)
+    loss.backward()
+    want_loss, want_grad = loss_and_grad(smoothed_xent_reference, sliced.detach().double(), target, 0.1)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(wide.grad[:, 7:47].double(), want_grad, rtol=1e-5, atol=1e-7)
+    assert not wide.grad[:, :7].any() and not wide.grad[:, 47:].any()
