@@ -79,7 +79,7 @@ def smoothed_xent(
         return_accuracy: also return the token accuracy: the share of the targets that are not
             ``ignore_index`` whose class is the row's prediction (0-d float32; 0 when every
             target is ignored, as for the loss), unweighted. Taken in the pass that reads the
-            logits anyway: no extra read on the Triton and native CPU backends.
+            logits anyway: no extra read of them on any fused backend.
         return_predictions: also return each row's prediction (shape of ``target``, int64): the
             first class of largest y, the logits as the loss sees them (after ``logit_scale``
             and ``softcap``), as ``argmax`` takes it; class 0 for a row of -inf only, and any
